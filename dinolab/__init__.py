@@ -1,0 +1,33 @@
+"""dinolab: DINOv2 as practical software.
+
+The hub entry points (``dinolab.dinov2_vits14`` ...) build backbones with the official API and
+state-dict layout; everything else lives in sub-packages (``models``, ``data``, ``losses``,
+``train``, ``eval``, ``curate``, ``viz``).
+"""
+
+from dinolab.hub import (
+    dinov2_vitb14,
+    dinov2_vitb14_reg,
+    dinov2_vitg14,
+    dinov2_vitg14_reg,
+    dinov2_vitl14,
+    dinov2_vitl14_reg,
+    dinov2_vits14,
+    dinov2_vits14_reg,
+)
+from dinolab.models import DinoVisionTransformer, build_backbone
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DinoVisionTransformer",
+    "build_backbone",
+    "dinov2_vitb14",
+    "dinov2_vitb14_reg",
+    "dinov2_vitg14",
+    "dinov2_vitg14_reg",
+    "dinov2_vitl14",
+    "dinov2_vitl14_reg",
+    "dinov2_vits14",
+    "dinov2_vits14_reg",
+]

@@ -1,0 +1,79 @@
+"""Multi-head self-attention over packed groups of equal-length sequences.
+
+A *group* is a tensor [B_g, T_g, D] of B_g sequences of T_g tokens (e.g. all global crops, or all
+local crops). Token-wise projections run once over the concatenation of every group's tokens; the
+softmax attention runs per group, so attention never crosses images. With one group this is the
+plain batched attention of the official ``Attention`` module (keys ``qkv`` and ``proj``).
+
+Two attention paths: ``F.scaled_dot_product_attention`` (fused kernels; the default) and an
+explicit softmax that can return the attention maps for visualisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        fused_attn: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused_attn = fused_attn
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, device=device, dtype=dtype)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, device=device, dtype=dtype)
+
+    def _split_heads(self, qkv: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # qkv [B*T, 3D] -> q, k, v each [B, heads, T, head_dim]
+        qkv = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def _attend(self, q, k, v) -> torch.Tensor:
+        if self.fused_attn:
+            return F.scaled_dot_product_attention(q, k, v)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        return attn.softmax(dim=-1) @ v
+
+    def forward_packed(self, x_flat: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
+        """Attention over packed groups.
+
+        Args:
+            x_flat: [sum_g B_g*T_g, D] tokens of every group, group after group.
+            shapes: the (B_g, T_g) of each group, in order.
+
+        Returns:
+            [sum_g B_g*T_g, D], in the same order.
+        """
+        qkv = self.qkv(x_flat)
+        outs, start = [], 0
+        for B, T in shapes:
+            q, k, v = self._split_heads(qkv[start : start + B * T], B, T)
+            start += B * T
+            outs.append(self._attend(q, k, v).transpose(1, 2).reshape(B * T, -1))  # [B*T, D]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return self.proj(out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]."""
+        B, T, D = x.shape
+        return self.forward_packed(x.reshape(B * T, D), [(B, T)]).view(B, T, D)
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax attention probabilities [B, heads, T, T] for x [B, T, D] (explicit path)."""
+        B, T, D = x.shape
+        q, k, _ = self._split_heads(self.qkv(x.reshape(B * T, D)), B, T)
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)

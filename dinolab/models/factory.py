@@ -1,0 +1,24 @@
+"""Building a backbone by name, optionally with local weights (no downloads, ever)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dinolab.models.checkpoints import load_backbone_weights
+from dinolab.models.registry import resolve_arch
+from dinolab.models.vit import DinoVisionTransformer
+
+
+def build_backbone(arch: str, weights: str | Path | dict | None = None, **overrides) -> DinoVisionTransformer:
+    """A :class:`DinoVisionTransformer` for ``arch`` (see :func:`dinolab.models.arch_names`).
+
+    Args:
+        arch: ``vits14``, ``vitb14_reg``, ``vit_small`` ...
+        weights: a local ``.pth`` / ``.safetensors`` file (official, dinolab or Hugging Face layout),
+            a state dict, or None for the official random initialisation.
+        overrides: constructor keyword arguments (``img_size``, ``drop_path_rate`` ...).
+    """
+    model = DinoVisionTransformer(**resolve_arch(arch, **overrides))
+    if weights is not None:
+        load_backbone_weights(model, weights)
+    return model
