@@ -1,0 +1,50 @@
+"""``dinolab convert IN OUT``: between official ``.pth``, safetensors and Hugging Face layouts.
+
+Any checkpoint :func:`dinolab.models.checkpoints.to_backbone_state_dict` reads (official hub file,
+training checkpoint with chunked blocks or ``teacher.backbone.`` prefixes, dinolab export, HF
+state dict) is written as one of: ``official`` (``.pth`` with official keys), ``safetensors``
+(official keys), ``hf`` (``Dinov2Model`` keys, ``.safetensors`` or ``.bin``/``.pth``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+from dinolab.models import hf
+from dinolab.models.checkpoints import describe, read_state_dict, save_backbone, to_backbone_state_dict
+
+TARGETS = ("official", "safetensors", "hf")
+
+
+def convert(src: str | Path, dst: str | Path, to: str | None = None, hf_naming: str | None = None) -> str:
+    """Convert ``src`` to ``dst``; ``to`` defaults from the output suffix. Returns a summary line."""
+    dst = Path(dst)
+    to = to or ("safetensors" if dst.suffix == ".safetensors" else "official")
+    if to not in TARGETS:
+        raise ValueError(f"--to must be one of {TARGETS}, got {to!r}")
+    sd = to_backbone_state_dict(read_state_dict(src))
+    if to == "hf":
+        save_backbone(hf.official_to_hf(sd, naming=hf_naming), dst)
+    else:
+        if to == "safetensors" and dst.suffix != ".safetensors":
+            raise ValueError(f"--to safetensors needs an output ending in .safetensors, got {dst}")
+        save_backbone(sd, dst)
+    return f"{src} -> {dst} ({to}; {describe(sd)}; {sum(v.numel() for v in sd.values()) / 1e6:.1f}M values)"
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    print(convert(args.input, args.output, args.to, args.hf_naming))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="convert backbone weights between official, safetensors and HF")
+    p.add_argument("input", help="weights file (.pth/.pt/.bin/.safetensors; official, training, dinolab or HF)")
+    p.add_argument("output", help="output file")
+    p.add_argument("--to", choices=TARGETS, default=None, help="output layout (default from the suffix)")
+    p.add_argument("--hf-naming", choices=("v4", "v5"), default=None, help="HF key naming (default: installed)")
+    p.set_defaults(func=run_convert)
+
+
