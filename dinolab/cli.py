@@ -15,6 +15,8 @@ import sys
 COMMAND_MODULES = (
     "dinolab.extract",
     "dinolab.models.convert",
+    "dinolab.train.cli",
+    "dinolab.viz.cli",
 )
 
 

@@ -1,0 +1,231 @@
+"""Every training default, in one place: typed dataclasses (the official ``ssl_default_config``).
+
+Presets (``presets/*.yaml``) are deltas over these defaults; command-line overrides are dotted
+``key=value`` pairs (``optim.base_lr=1e-3``). :func:`load_config` merges the three, rejects unknown
+keys and invalid values with one clear line before any work starts, and returns a validated
+:class:`Config`. Derived values (the scaled lr, iteration counts) are computed where they are used
+and never written back into the config.
+
+Lengths are in *epochs* of ``optim.epoch_length`` iterations (official: 1,250), as in the official
+configs, so a preset reads like the paper's tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _check_range(name: str, pair: list[float], lo: float, hi: float) -> None:
+    _check(len(pair) == 2 and lo <= pair[0] <= pair[1] <= hi, f"{name} must be [min, max] within [{lo}, {hi}], got {pair}")
+
+
+@dataclass
+class StudentConfig:
+    """Backbone of student and teacher (the teacher never has drop path)."""
+
+    arch: str = "vit_large"  # a dinolab arch name: vit_tiny/small/base/large/giant2 or vits14 ...
+    patch_size: int = 16
+    embed_dim: int | None = None  # None: the arch's own size; set to build a custom width
+    depth: int | None = None
+    num_heads: int | None = None
+    drop_path_rate: float = 0.3
+    drop_path_mode: str = "efficient"  # "efficient" (paper §5: skip dropped samples) or "mask"
+    layerscale: float = 1e-5
+    ffn_layer: str = "mlp"  # "mlp" or "swiglufused"
+    num_register_tokens: int = 0
+    pretrained_weights: str | None = None  # initialise the student (and teacher) backbone from a file
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.drop_path_rate < 1.0, f"student.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        _check(self.drop_path_mode in ("efficient", "mask"), f"student.drop_path_mode must be 'efficient' or 'mask', got {self.drop_path_mode!r}")
+        _check(self.ffn_layer in ("mlp", "swiglu", "swiglufused"), f"student.ffn_layer must be mlp or swiglufused, got {self.ffn_layer!r}")
+        _check(self.patch_size > 0, f"student.patch_size must be positive, got {self.patch_size}")
+
+
+@dataclass
+class HeadConfig:
+    n_prototypes: int = 65536
+    bottleneck_dim: int = 256
+    hidden_dim: int = 2048
+    nlayers: int = 3
+
+    def __post_init__(self) -> None:
+        _check(self.n_prototypes > 0 and self.bottleneck_dim > 0 and self.hidden_dim > 0 and self.nlayers >= 1,
+               f"head sizes must be positive, got {self}")
+
+
+@dataclass
+class DinoConfig:
+    loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class IbotConfig:
+    loss_weight: float = 1.0
+    mask_sample_probability: float = 0.5
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    separate_head: bool = True  # untied heads (paper Table 1, last row); False shares the DINO head
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.mask_sample_probability <= 1.0, f"ibot.mask_sample_probability must be in [0, 1], got {self.mask_sample_probability}")
+        _check_range("ibot.mask_ratio_min_max", self.mask_ratio_min_max, 0.0, 1.0)
+
+
+@dataclass
+class TeacherConfig:
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: float = 30
+    centering: str = "sinkhorn_knopp"  # "sinkhorn_knopp" (paper, g14/l14 configs) or "softmax" (EMA centre)
+    center_momentum: float = 0.9
+    student_temp: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.centering in ("sinkhorn_knopp", "softmax"), f"teacher.centering must be 'sinkhorn_knopp' or 'softmax', got {self.centering!r}")
+        _check(0.0 <= self.momentum_teacher <= self.final_momentum_teacher <= 1.0,
+               f"need 0 <= teacher.momentum_teacher <= final_momentum_teacher <= 1, got {self.momentum_teacher}, {self.final_momentum_teacher}")
+        _check(min(self.teacher_temp, self.warmup_teacher_temp, self.student_temp) > 0, "temperatures must be positive")
+
+
+@dataclass
+class OptimConfig:
+    epochs: float = 100
+    epoch_length: int = 1250  # iterations per "epoch" (official OFFICIAL_EPOCH_LENGTH)
+    base_lr: float = 4e-3  # per 1,024 images, scaled by sqrt(global batch / 1024)
+    scaling_rule: str = "sqrt_wrt_1024"  # or "none": use base_lr as is
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    freeze_last_layer_epochs: float = 1
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    clip_grad: float = 3.0
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0 and self.epoch_length > 0, f"optim.epochs and optim.epoch_length must be positive, got {self.epochs}, {self.epoch_length}")
+        _check(0 <= self.warmup_epochs <= self.epochs, f"optim.warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        _check(self.base_lr > 0 and self.min_lr >= 0, f"optim.base_lr must be > 0 and min_lr >= 0, got {self.base_lr}, {self.min_lr}")
+        _check(self.scaling_rule in ("sqrt_wrt_1024", "none"), f"optim.scaling_rule must be 'sqrt_wrt_1024' or 'none', got {self.scaling_rule!r}")
+        _check(0 < self.layerwise_decay <= 1, f"optim.layerwise_decay must be in (0, 1], got {self.layerwise_decay}")
+        _check(self.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 disables), got {self.clip_grad}")
+
+    @property
+    def total_iters(self) -> int:
+        return round(self.epochs * self.epoch_length)
+
+
+@dataclass
+class CropsConfig:
+    global_crops_size: int = 224
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_crops_number: int = 8
+    local_crops_size: int = 96
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    blur_semantics: str = "official_code"  # "official_code" (what made the released weights) or "paper"
+
+    def __post_init__(self) -> None:
+        _check_range("crops.global_crops_scale", self.global_crops_scale, 0.0, 1.0)
+        _check_range("crops.local_crops_scale", self.local_crops_scale, 0.0, 1.0)
+        _check(self.local_crops_number >= 0, f"crops.local_crops_number must be >= 0, got {self.local_crops_number}")
+        _check(self.blur_semantics in ("official_code", "paper"), f"crops.blur_semantics must be 'official_code' or 'paper', got {self.blur_semantics!r}")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # folder, .txt list, .npz, .jsonl manifest; None: the embedded digits set
+    eval_path: str | None = None  # labelled set for k-NN (npz or class folders); None: none (builtin: its test split)
+    builtin_image_size: int = 32  # side the embedded 8x8 digits are upscaled to
+
+
+@dataclass
+class TrainConfig:
+    batch_size_per_gpu: int = 64
+    seed: int = 0
+    num_workers: int = 2
+    precision: str = "auto"  # "auto" (bf16 where supported), "bf16", "fp16" (GPU only), "fp32"
+    checkpoint_every: int = 3750  # iterations; 0 = only at the end
+    keep_last: int = 3
+    log_every: int = 10
+    knn_every: int = 0  # iterations between k-NN evaluations on --eval-data (0: start and end only)
+    knn_k: int = 20
+    knn_image_size: int | None = None  # None: crops.global_crops_size
+    max_iters: int | None = None  # stop early (e.g. a smoke run) without changing the schedules
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size_per_gpu > 0, f"train.batch_size_per_gpu must be positive, got {self.batch_size_per_gpu}")
+        _check(self.precision in ("auto", "bf16", "fp16", "fp32"), f"train.precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        _check(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
+        _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class Config:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IbotConfig = field(default_factory=IbotConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("global_crops_size", "local_crops_size"):
+            size = getattr(self.crops, name)
+            _check(size % self.student.patch_size == 0,
+                   f"crops.{name}={size} must be a multiple of student.patch_size={self.student.patch_size}")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None) -> Config:
+    """Defaults <- preset YAML (a name or a path) <- ``base`` dict <- ``key=value`` overrides -> Config.
+
+    Raises:
+        ValueError: unknown preset, unknown key, malformed override or invalid value (one line).
+    """
+    cfg = OmegaConf.structured(Config)
+    layers = []
+    if preset:
+        path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(preset_names())} or a .yaml path")
+        layers.append(OmegaConf.load(path))
+    if base:
+        layers.append(OmegaConf.create(base))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. optim.base_lr=1e-3)")
+    try:
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(cfg, *layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"invalid config: {str(err).splitlines()[0]}") from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

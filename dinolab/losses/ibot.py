@@ -1,0 +1,54 @@
+"""iBOT masked-patch cross-entropy (patch-level loss).
+
+References: Zhou et al. 2022 (iBOT); official ``dinov2/loss/ibot_patch_loss.py`` ``forward_masked`` and its
+use in ``dinov2/train/ssl_meta_arch.py`` (``forward_masked(...) * 2 * (1 / 2)``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ibot_loss(
+    student_patch_logits: torch.Tensor,
+    teacher_patch_probs: torch.Tensor,
+    weights: torch.Tensor,
+    n_images: int,
+    *,
+    student_temp: float = 0.1,
+) -> torch.Tensor:
+    """Weighted cross-entropy over the masked patch tokens, as dinov2 ``forward_masked``.
+
+    Pseudocode (``M`` masked tokens gathered from all masked global crops)::
+
+        ce[m] = -sum_k teacher_patch_probs[m, k] * log_softmax(student_patch_logits[m] / student_temp)[k]
+        loss  = sum_m weights[m] * ce[m] / n_images
+
+    With the collate's weights (``1 / #masked tokens in the token's image``) this is the sum over masked
+    images of their mean CE, divided by the number of global-crop images ``2B``: unmasked global crops count
+    as 0 in the mean. The official code multiplies ``forward_masked`` by 2 (global crops processed together)
+    and by ``1 / n_global_crops``; the product is 1, so this function is the optimised value itself.
+
+    Args:
+        student_patch_logits: [M, K] student head outputs of the masked tokens (student input masked).
+        teacher_patch_probs: [M, K] teacher targets for the same tokens (teacher input unmasked).
+        weights: [M] per-token weight, ``masks_weight`` from ``dinolab.data.collate.collate_crops``.
+        n_images: number of global-crop images in the batch (``2B``, masked or not).
+        student_temp: student softmax temperature (official 0.1).
+
+    Returns:
+        Scalar fp32 loss (0 when ``M == 0``).
+    """
+    if student_patch_logits.ndim != 2 or student_patch_logits.shape != teacher_patch_probs.shape:
+        raise ValueError(
+            f"ibot_loss expects student and teacher [M,K] of equal shape, got "
+            f"{tuple(student_patch_logits.shape)} and {tuple(teacher_patch_probs.shape)}"
+        )
+    if weights.shape != student_patch_logits.shape[:1]:
+        raise ValueError(f"ibot_loss: weights {tuple(weights.shape)} must be [M={student_patch_logits.shape[0]}]")
+    if int(n_images) <= 0:
+        raise ValueError(f"ibot_loss: n_images must be positive, got {n_images}")
+    log_probs = F.log_softmax(student_patch_logits.float() / student_temp, dim=-1)
+    ce = -(teacher_patch_probs.float() * log_probs).sum(dim=-1)  # [M]
+    return (ce * weights.float()).sum() / int(n_images)

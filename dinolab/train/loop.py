@@ -1,0 +1,333 @@
+"""The training loop of ``dinolab train``: data, model, schedules, checkpoints, logging, k-NN.
+
+:func:`train` takes a validated :class:`~dinolab.configs.schema.Config` and a run directory and
+returns the run's summary. A directory that already holds a checkpoint of the same config resumes
+from it exactly (model, teacher, optimizer, schedules, sampler position, RNG state), so the losses
+after a resume equal those of an uninterrupted run. SIGINT/SIGTERM write a checkpoint and return.
+A NaN/Inf loss raises ``FloatingPointError`` naming the iteration and term; the last good
+checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from dinolab.configs.schema import Config, load_config, to_yaml
+from dinolab.data.augment import MultiCropAugmentation
+from dinolab.data.collate import collate_crops
+from dinolab.data.datasets import MultiCropDataset, open_dataset, open_labelled
+from dinolab.data.masking import MaskingGenerator
+from dinolab.data.samplers import InfiniteSampler
+from dinolab.io import atomic_write_json, atomic_write_text
+from dinolab.models.checkpoints import save_backbone
+from dinolab.train.checkpointer import Checkpointer
+from dinolab.train.meta_arch import SSLMetaArch
+from dinolab.train.monitor import KnnMonitor
+from dinolab.train.param_groups import ParamGroupConfig, build_param_groups
+from dinolab.train.schedules import ScheduleConfig, scale_lr, schedule_values
+from dinolab.train.step import train_step
+
+# Settings that may change between a run and its resume without changing its results.
+_RESUME_FREE = {"train.max_iters", "train.num_workers", "train.log_every", "train.device", "train.knn_every"}
+
+
+# ------------------------------------------------------------------ setup
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on CPU and on GPUs that support it; fp16 is refused on CPU (~70x slower)."""
+    if precision == "auto":
+        ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+        return "bf16" if ok else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("train.precision=fp16 is for GPUs only (fp16 matmuls are ~70x slower on CPU): use bf16")
+    return precision
+
+
+def schedule_config(cfg: Config, global_batch: int) -> ScheduleConfig:
+    """Every schedule of ``cfg`` in iterations; the lr scaled by the global batch."""
+    o, t = cfg.optim, cfg.teacher
+    to_iters = lambda epochs: round(epochs * o.epoch_length)  # noqa: E731
+    base_lr = scale_lr(o.base_lr, global_batch) if o.scaling_rule == "sqrt_wrt_1024" else o.base_lr
+    return ScheduleConfig(
+        total_iters=o.total_iters,
+        warmup_iters=to_iters(o.warmup_epochs),
+        base_lr=base_lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        weight_decay_end=o.weight_decay_end,
+        momentum_teacher=t.momentum_teacher,
+        final_momentum_teacher=t.final_momentum_teacher,
+        warmup_teacher_temp=t.warmup_teacher_temp,
+        teacher_temp=t.teacher_temp,
+        warmup_teacher_temp_iters=min(to_iters(t.warmup_teacher_temp_epochs), o.total_iters),
+        freeze_last_layer_iters=to_iters(o.freeze_last_layer_epochs),
+    )
+
+
+class _Keyed(Dataset):
+    """Multi-crop samples that carry their sampler key, so the collate can seed its masks by it."""
+
+    def __init__(self, inner: MultiCropDataset) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, key: int):
+        return self.inner[key], key
+
+
+def _collate(items, *, seed: int, **kwargs) -> dict:
+    samples, keys = zip(*items)
+    rng = np.random.default_rng([seed, 1, int(keys[0])])  # masks: a function of the batch, not the worker
+    return collate_crops(samples, rng=rng, **kwargs)
+
+
+def build_loader(cfg: Config, images: Dataset, rank: int = 0, world_size: int = 1) -> tuple[DataLoader, InfiniteSampler]:
+    c = cfg.crops
+    aug = MultiCropAugmentation(
+        global_crops_size=c.global_crops_size,
+        global_crops_scale=tuple(c.global_crops_scale),
+        local_crops_number=c.local_crops_number,
+        local_crops_size=c.local_crops_size,
+        local_crops_scale=tuple(c.local_crops_scale),
+        blur_semantics=c.blur_semantics,
+    )
+    dataset = _Keyed(MultiCropDataset(images, aug, seed=cfg.train.seed))
+    sampler = InfiniteSampler(len(images), seed=cfg.train.seed, rank=rank, world_size=world_size, yield_keys=True)
+    grid = c.global_crops_size // cfg.student.patch_size
+    collate = functools.partial(
+        _collate,
+        seed=cfg.train.seed,
+        mask_ratio_min_max=tuple(cfg.ibot.mask_ratio_min_max),
+        mask_probability=cfg.ibot.mask_sample_probability,
+        mask_generator=MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid),
+        n_tokens=grid * grid,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size_per_gpu,
+        sampler=sampler,
+        num_workers=cfg.train.num_workers,
+        collate_fn=collate,
+        drop_last=True,
+        persistent_workers=cfg.train.num_workers > 0,
+        prefetch_factor=4 if cfg.train.num_workers > 0 else None,
+    )
+    return loader, sampler
+
+
+def build_optimizer(meta: SSLMetaArch, cfg: Config) -> torch.optim.AdamW:
+    groups = build_param_groups(
+        meta.student, ParamGroupConfig(layer_decay=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult)
+    )
+    return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), foreach=True)
+
+
+def _config_diff(saved: Config, new: Config) -> list[str]:
+    from omegaconf import OmegaConf
+
+    def flat(c: Config) -> dict:
+        out = {}
+
+        def walk(node, prefix):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.") if isinstance(v, dict) else out.__setitem__(f"{prefix}{k}", v)
+
+        walk(OmegaConf.to_container(OmegaConf.structured(c)), "")
+        return out
+
+    a, b = flat(saved), flat(new)
+    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in _RESUME_FREE]
+
+
+# ------------------------------------------------------------------ logging
+class RunLog:
+    """Metrics as JSON lines (``metrics.jsonl``) and TensorBoard events (``tb/``)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:  # tensorboard is optional at run time
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "iteration" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["iteration"])
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop records past ``iteration`` (written after the checkpoint we resume from)."""
+        kept = [r for r in self.records() if r["iteration"] <= iteration]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+@contextmanager
+def _stop_on_signals():
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each iteration."""
+    flag = {"stop": None}
+
+    def handler(signum, frame):
+        flag["stop"] = signal.Signals(signum).name
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# ------------------------------------------------------------------ the loop
+def _state(meta, optimizer, sampler, iteration, consumed, extra) -> dict:
+    return {
+        "iteration": iteration,
+        "model": meta.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "sampler": sampler.state_dict(consumed=consumed),
+        "torch_rng": torch.get_rng_state(),
+        "extra": extra,
+    }
+
+
+def _knn_monitor(cfg: Config, device: torch.device, precision: str) -> KnnMonitor | None:
+    path = cfg.data.eval_path
+    if path is None and cfg.data.path is not None:
+        return None
+    data = open_labelled(path, image_size=cfg.data.builtin_image_size)  # None: the embedded digits
+    size = cfg.train.knn_image_size or cfg.crops.global_crops_size
+    return KnnMonitor(data, image_size=size, k=cfg.train.knn_k, bf16=precision == "bf16")
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = True, progress: bool = True) -> dict:
+    """Train (or resume) the run in ``run_dir``; returns the summary written to ``summary.json``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(run_dir, cfg.train.keep_last)
+    latest = ckpt.latest() if resume else None
+    if latest is not None:
+        saved = load_config(str(run_dir / "config.yaml"))
+        diff = _config_diff(saved, cfg)
+        if diff:
+            raise ValueError(f"{run_dir} holds a run with another config ({'; '.join(diff[:3])}): use a new --output")
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+
+    torch.manual_seed(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    images = open_dataset(cfg.data.path)
+    loader, sampler = build_loader(cfg, images)
+    meta = SSLMetaArch(cfg).to(device)
+    optimizer = build_optimizer(meta, cfg)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    sched_cfg = schedule_config(cfg, cfg.train.batch_size_per_gpu)
+    log = RunLog(run_dir)
+    monitor = _knn_monitor(cfg, device, precision)
+    B = cfg.train.batch_size_per_gpu
+
+    start, extra = 0, {"knn_top1_init": None, "train_seconds": 0.0}
+    if latest is not None:
+        state = Checkpointer.load(latest)
+        meta.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        start, extra = state["iteration"], state["extra"]
+        log.truncate_after(start)
+        print(f"resuming {run_dir} from iteration {start} ({latest.name})")
+    elif monitor is not None:
+        knn = monitor(meta.teacher.backbone)
+        extra["knn_top1_init"] = knn["knn_top1"]
+        log.write({"iteration": 0, **knn})
+
+    end = min(sched_cfg.total_iters, cfg.train.max_iters or sched_cfg.total_iters)
+    meta.train()
+    last_saved, it, interrupted = None, start, None
+    bar = tqdm(total=end, initial=start, desc="train", unit="it", disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    with _stop_on_signals() as stop:
+        data = iter(loader)
+        for it in range(start, end):
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(data).items()}
+            sched = schedule_values(sched_cfg, it)
+            losses = train_step(meta, optimizer, batch, sched, it, precision, cfg.optim.clip_grad, scaler)
+            done = it + 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
+            if done % cfg.train.log_every == 0 or done == end:
+                elapsed = extra["train_seconds"] + time.perf_counter() - t0
+                log.write({"iteration": done, **losses, "lr": sched.lr, "wd": sched.weight_decay,
+                           "momentum": sched.momentum, "teacher_temp": sched.teacher_temp,
+                           "images_per_second": (done - start) * B / max(time.perf_counter() - t0, 1e-9),
+                           "elapsed_seconds": elapsed})
+            if monitor is not None and cfg.train.knn_every and done % cfg.train.knn_every == 0 and done < end:
+                t_eval = time.perf_counter()
+                log.write({"iteration": done, **monitor(meta.teacher.backbone)})
+                t0 += time.perf_counter() - t_eval  # evaluation time is not training time
+            periodic = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0
+            if periodic or stop["stop"] or done == end:
+                now = time.perf_counter()
+                extra["train_seconds"] += now - t0
+                t0 = now
+                last_saved = ckpt.save(_state(meta, optimizer, sampler, done, done * B, extra), done)
+            if stop["stop"]:
+                interrupted = stop["stop"]
+                break
+    bar.close()
+    final_iter = it + 1 if end > start else start
+    summary = _finish(cfg, run_dir, meta, log, monitor, extra, final_iter, B, interrupted, last_saved)
+    log.close()
+    return summary
+
+
+def _finish(cfg, run_dir, meta, log, monitor, extra, iteration, B, interrupted, last_saved) -> dict:
+    """Export the teacher backbone, evaluate, plot, and write ``summary.json``."""
+    save_backbone(meta.teacher.backbone, run_dir / "teacher_backbone.pth")
+    save_backbone(meta.teacher.backbone, run_dir / "teacher_backbone.safetensors")
+    summary = {
+        "iterations": iteration,
+        "images_per_second": iteration * B / max(extra["train_seconds"], 1e-9),
+        "train_seconds": extra["train_seconds"],
+        "checkpoint": str(last_saved) if last_saved else None,
+        "interrupted": interrupted,
+        "arch": cfg.student.arch,
+    }
+    if monitor is not None and not interrupted:
+        knn = monitor(meta.teacher.backbone)
+        log.write({"iteration": iteration, **knn})
+        summary.update(knn_top1_init=extra["knn_top1_init"], knn_top1_final=knn["knn_top1"], knn_n_test=knn["knn_n_test"])
+    from dinolab.train.plots import plot_run
+
+    plot_run(log.records(), run_dir / "loss_curves.png")
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,68 @@
+"""One DINOv2 training iteration, in five calls that read top to bottom."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from dinolab.train.meta_arch import SSLMetaArch
+from dinolab.train.param_groups import apply_schedule
+from dinolab.train.schedules import ScheduleValues
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16/fp16 autocast for the forward passes; fp32 runs without one."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def check_finite(losses: dict[str, torch.Tensor], iteration: int) -> None:
+    """Stop on a NaN/Inf loss, naming the iteration and the term."""
+    for name, value in losses.items():
+        v = float(value.detach())
+        if not math.isfinite(v):
+            raise FloatingPointError(f"loss term '{name}' is {v} at iteration {iteration}")
+
+
+def train_step(
+    meta: SSLMetaArch,
+    optimizer: torch.optim.Optimizer,
+    batch: dict,
+    sched: ScheduleValues,
+    iteration: int,
+    precision: str = "fp32",
+    clip_grad: float = 3.0,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, float]:
+    """Teacher targets, student outputs, losses, backward/clip/step, EMA teacher update.
+
+    Returns the loss terms as floats (``total`` included).
+    """
+    apply_schedule(optimizer, lr=sched.lr, weight_decay=sched.weight_decay, last_layer_lr=sched.last_layer_lr)
+    device = batch["global_crops"].device
+    with autocast_context(device, precision):
+        targets = meta.teacher_targets(batch, sched.teacher_temp)
+        outputs = meta.student_outputs(batch)
+    losses = meta.compute_losses(outputs, targets, batch)  # fp32: every loss upcasts its inputs
+    check_finite(losses, iteration)
+
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(losses["total"]).backward()
+        scaler.unscale_(optimizer)
+    else:
+        losses["total"].backward()
+    if clip_grad > 0:
+        for module in meta.student.values():  # per sub-module, as the official code
+            torch.nn.utils.clip_grad_norm_(module.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    meta.update_teacher(sched.momentum)
+    return {k: float(v) for k, v in losses.items()}
