@@ -14,6 +14,7 @@ Shapes are checked before loading so that weights of another architecture give o
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -43,6 +44,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, expected a state dict")
     return obj
+
+
+def read_arch_kwargs(path: str | Path) -> dict | None:
+    """Constructor kwargs stored in a dinolab ``.safetensors`` export (None for other files)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["dinolab_arch"]) if "dinolab_arch" in meta else None
 
 
 def _unwrap(sd: dict) -> dict[str, torch.Tensor]:
@@ -123,17 +136,23 @@ def load_backbone_weights(model: torch.nn.Module, source, strict: bool = True, n
 
 
 def save_backbone(model_or_sd, path: str | Path) -> None:
-    """Write backbone weights with official keys: ``.safetensors`` or an official-format ``.pth``."""
+    """Write backbone weights with official keys: ``.safetensors`` or an official-format ``.pth``.
+
+    A model's ``.safetensors`` also stores its constructor arguments in the metadata header, so
+    ``build_backbone("auto", weights=...)`` rebuilds it exactly (head count included).
+    """
     from dinolab.io import atomic_path, atomic_torch_save
 
     sd = model_or_sd if isinstance(model_or_sd, dict) else model_or_sd.state_dict()
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    arch = getattr(model_or_sd, "arch_kwargs", None)
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
+        meta = {"dinolab_arch": json.dumps(arch)} if arch else None
         with atomic_path(path) as tmp:
-            save_file(sd, str(tmp))
+            save_file(sd, str(tmp), metadata=meta)
     else:
         atomic_torch_save(sd, path)
 

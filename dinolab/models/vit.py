@@ -60,6 +60,8 @@ class DinoVisionTransformer(nn.Module):
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         kw = dict(device=device, dtype=dtype)
+        # constructor arguments, stored with exported weights so they rebuild this exact model
+        self.arch_kwargs = {k: v for k, v in locals().items() if k not in ("self", "kw", "device", "dtype", "__class__")}
         self.embed_dim = self.num_features = embed_dim
         self.patch_size = patch_size
         self.n_blocks = depth

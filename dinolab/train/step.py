@@ -65,4 +65,4 @@ def train_step(
     else:
         optimizer.step()
     meta.update_teacher(sched.momentum)
-    return {k: float(v) for k, v in losses.items()}
+    return {k: float(v.detach()) for k, v in losses.items()}

@@ -1,0 +1,154 @@
+"""End-to-end training behaviour on a tiny model: loss falls, exact resume, signals, NaN, export."""
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from dinolab.cli import main
+from dinolab.configs import load_config
+from dinolab.models import build_backbone
+from dinolab.train import loop as loop_module
+from dinolab.train.loop import train
+from dinolab.train.meta_arch import SSLMetaArch
+
+TINY = [
+    "student.embed_dim=32", "student.num_heads=2", "student.depth=2",
+    "dino.head.n_prototypes=64", "dino.head.hidden_dim=32", "dino.head.bottleneck_dim=16",
+    "ibot.head.n_prototypes=64", "ibot.head.hidden_dim=32", "ibot.head.bottleneck_dim=16",
+    "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
+    "train.batch_size_per_gpu=8", "train.num_workers=0", "train.log_every=1", "train.knn_every=0",
+    "train.checkpoint_every=0", "train.precision=fp32", "optim.epoch_length=3", "optim.epochs=2",
+    "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
+]
+
+
+@pytest.fixture
+def data(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (24, 20, 20, 3), dtype=np.uint8)
+    y = np.arange(24) % 3
+    x[y == 1, :, :, 0] = 250  # three visibly different classes for k-NN
+    x[y == 2, :, :, 2] = 250
+    path = tmp_path / "data.npz"
+    np.savez(path, x_train=x[:18], y_train=y[:18], x_test=x[18:], y_test=y[18:])
+    return str(path)
+
+
+def tiny_cfg(data, *extra):
+    return load_config("cpu", [*TINY, *extra], base={"data": {"path": data}})
+
+
+def losses_by_iteration(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["total"] for r in records if "total" in r}
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(data, tmp_path):
+    full = tmp_path / "full"
+    train(tiny_cfg(data), full, progress=False)
+    split = tmp_path / "split"
+    first = train(tiny_cfg(data, "train.max_iters=3"), split, progress=False)
+    assert first["iterations"] == 3 and (split / "checkpoints" / "ckpt_0000003.pth").exists()
+    second = train(tiny_cfg(data), split, progress=False)
+    assert second["iterations"] == 6
+    a, b = losses_by_iteration(full), losses_by_iteration(split)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for it in a:
+        assert a[it] == pytest.approx(b[it], abs=1e-6), it
+
+
+def test_loss_falls_and_outputs_are_written(data, tmp_path):
+    run = tmp_path / "run"
+    summary = train(tiny_cfg(data, "optim.epochs=8", "optim.base_lr=3e-3", "train.checkpoint_every=4",
+                             "train.keep_last=2"), run, progress=False)
+    losses = losses_by_iteration(run)
+    first, last = np.mean([losses[i] for i in (1, 2, 3)]), np.mean([losses[i] for i in (22, 23, 24)])
+    assert last < first
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["ckpt_0000020.pth", "ckpt_0000024.pth"]
+    for name in ("config.yaml", "summary.json", "loss_curves.png", "teacher_backbone.pth", "teacher_backbone.safetensors"):
+        assert (run / name).exists(), name
+    assert summary["iterations"] == 24 and summary["images_per_second"] > 0
+    assert list((run / "tb").iterdir())  # TensorBoard events
+
+
+def test_exported_teacher_loads_with_the_public_constructors(data, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_cfg(data, "train.max_iters=2")
+    train(cfg, run, progress=False)
+    meta = SSLMetaArch(cfg)
+    meta.load_state_dict(torch.load(run / "checkpoints" / "ckpt_0000002.pth", weights_only=True)["model"])
+    exported = build_backbone("auto", weights=run / "teacher_backbone.safetensors").eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(exported(x), meta.teacher.backbone.eval()(x))
+
+
+def test_knn_before_and_after_is_reported(data, tmp_path):
+    cfg = load_config("cpu", [*TINY, "optim.epochs=1"], base={"data": {"path": data, "eval_path": data}})
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["knn_n_test"] == 6
+    assert 0 <= summary["knn_top1_init"] <= 100 and 0 <= summary["knn_top1_final"] <= 100
+
+
+def test_sigterm_writes_a_checkpoint_and_stops(data, tmp_path, monkeypatch):
+    real_step = loop_module.train_step
+
+    def step_then_signal(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        if args[4] == 1:  # iteration index 1: the second step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(loop_module, "train_step", step_then_signal)
+    summary = train(tiny_cfg(data), tmp_path / "run", progress=False)
+    assert summary["interrupted"] == "SIGTERM" and summary["iterations"] == 2
+    assert (tmp_path / "run" / "checkpoints" / "ckpt_0000002.pth").exists()
+
+
+def test_nan_loss_stops_naming_iteration_and_term(data, tmp_path, monkeypatch):
+    from dinolab.train import meta_arch
+
+    calls = {"n": 0}
+
+    def bad_koleo(x):
+        calls["n"] += 1
+        return torch.tensor(float("nan")) if calls["n"] > 4 else torch.zeros(())
+
+    monkeypatch.setattr(meta_arch, "koleo_loss", bad_koleo)
+    cfg = tiny_cfg(data, "train.checkpoint_every=1")
+    with pytest.raises(FloatingPointError, match=r"'koleo' is nan at iteration 2"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "ckpt_0000002.pth").exists()  # the last good one stays
+
+
+def test_resume_with_another_config_is_refused(data, tmp_path):
+    train(tiny_cfg(data, "train.max_iters=1"), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match=r"another config \(optim.base_lr"):
+        train(tiny_cfg(data, "optim.base_lr=0.5"), tmp_path / "run", progress=False)
+
+
+def test_bad_config_is_one_line_before_any_work(tmp_path, capsys):
+    assert main(["train", "--output", str(tmp_path / "r"), "optim.no_such_key=1"]) == 2
+    assert main(["train", "--output", str(tmp_path / "r"), "teacher.centering=mean"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "dinolab train: error: invalid config: Key 'no_such_key' not in 'OptimConfig'",
+        "dinolab train: error: teacher.centering must be 'sinkhorn_knopp' or 'softmax', got 'mean'",
+    ]
+    assert not (tmp_path / "r").exists()
+
+
+def test_ema_update_formula():
+    cfg = load_config("cpu", TINY)
+    meta = SSLMetaArch(cfg)
+    with torch.no_grad():
+        for p in meta.student.parameters():
+            p.add_(1.0)
+    t_before = [p.clone() for p in meta.teacher.parameters()]
+    s = [p.clone() for p in meta.student.parameters()]
+    meta.update_teacher(0.9)
+    for t0, s0, t1 in zip(t_before, s, meta.teacher.parameters()):
+        torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * s0)
