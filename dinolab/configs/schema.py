@@ -169,6 +169,7 @@ class TrainConfig:
     knn_k: int = 20
     knn_image_size: int | None = None  # None: crops.global_crops_size
     max_iters: int | None = None  # stop early (e.g. a smoke run) without changing the schedules
+    pack_crops: bool = True  # global + local crops through each block in one packed pass (paper §5)
     device: str = "auto"
 
     def __post_init__(self) -> None:

@@ -99,8 +99,11 @@ class SSLMetaArch(nn.Module):
         """
         g, l = batch["global_crops"], batch["local_crops"]
         backbone = self.student.backbone
-        if l.shape[0]:
+        if l.shape[0] and self.cfg.train.pack_crops:
             g_out, l_out = backbone.forward_features([g, l], [batch["masks"], None])
+            cls = torch.cat([g_out["x_norm_clstoken"], l_out["x_norm_clstoken"]])
+        elif l.shape[0]:  # separate forwards: the baseline the packed pass is measured against
+            g_out, l_out = backbone.forward_features(g, batch["masks"]), backbone.forward_features(l)
             cls = torch.cat([g_out["x_norm_clstoken"], l_out["x_norm_clstoken"]])
         else:
             g_out = backbone.forward_features(g, batch["masks"])
