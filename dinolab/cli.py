@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "dinolab.models.convert",
     "dinolab.train.cli",
     "dinolab.viz.cli",
+    "dinolab.curate.cli",
 )
 
 

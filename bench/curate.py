@@ -1,0 +1,220 @@
+"""Benchmark: dedup + k-means + retrieval of `dinolab curate` on synthetic 384-d embeddings.
+
+Synthetic pool (deterministic): ``--clusters`` random unit centres; each base image is its centre
+plus Gaussian noise (within-cluster cosine ~0.3, far below the 0.6 dedup threshold), and
+``--dup-fraction`` of the base images get 1-3 near-copies (cosine ~0.93 to the original, like an
+augmented copy of an image). Total rows = ``--n``.
+
+Measured with the library code (the same stages the CLI runs, on an in-memory store):
+time and peak RSS (``resource.getrusage``, monotone, so each figure is "peak so far") of
+  1. self-dedup (IVF k-NN graph, k=64, cos > 0.6, union-find),
+  2. relative dedup against an evaluation set,
+  3. spherical k-means (``--kmeans-k`` clusters) + assignment,
+  4. retrieval: sample-based for a large seed set, cluster-based for a small one;
+and the recall of the planted duplicates (pairs original-copy joined in one component; groups
+collapsed to one kept image; images removed that were not planted copies).
+
+Exact vs approximate: an exact flat index answers ``--exact-queries`` queries of the k-NN graph;
+its time per query extrapolates the exact graph, and its neighbours measure the IVF graph's recall
+of the edges above the threshold (the ratio printed is exact / IVF).
+
+    python bench/curate.py --n 1000000          # ~10 minutes on 2 CPU cores
+    python bench/curate.py --n 100000           # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from dinolab.curate.cluster import KMeansConfig, pool_kmeans
+from dinolab.curate.dedup import DedupConfig, relative_dedup, self_dedup
+from dinolab.curate.index import IndexConfig, build_index
+from dinolab.curate.retrieve import RetrieveConfig, retrieve_for_seed_set
+from dinolab.curate.stages import Stage
+from dinolab.curate.store import ArrayEmbeddings
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+
+
+def _noisy(rng: np.random.Generator, base: np.ndarray, scale: float) -> np.ndarray:
+    x = base + scale * rng.standard_normal(base.shape, dtype=np.float32) / np.sqrt(base.shape[1])
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def synthetic_pool(
+    n: int, dim: int, clusters: int, dup_fraction: float, seed: int = 0, block: int = 100_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pool [n, dim] float32 unit rows and ``group`` [n]: id of the original a row copies, or -1 for
+    non-copies (the original itself has group = its own row)."""
+    rng = np.random.default_rng(seed)
+    centres = _noisy(rng, np.zeros((clusters, dim), np.float32), 1.0)
+    expected_copies = 2.0 * dup_fraction  # 1-3 copies, mean 2
+    n_base = int(n / (1 + expected_copies))
+    x = np.empty((n, dim), np.float32)
+    for start in range(0, n_base, block):
+        stop = min(start + block, n_base)
+        which = rng.integers(0, clusters, stop - start)
+        x[start:stop] = _noisy(rng, centres[which], 1.5 * np.sqrt(dim))  # within-cluster cos ~ 0.3
+    group = np.full(n, -1, np.int64)
+    originals = rng.choice(n_base, size=n_base, replace=False)
+    copies = rng.integers(1, 4, size=n_base)
+    row, i = n_base, 0
+    while row < n:
+        src, c = originals[i], min(copies[i], n - row)
+        x[row : row + c] = _noisy(rng, np.repeat(x[src : src + 1], c, axis=0), 0.4)  # cos ~ 0.93
+        group[row : row + c] = src
+        group[src] = src
+        row, i = row + c, i + 1
+    return x, group
+
+
+def duplicate_recall(labels: np.ndarray, group: np.ndarray) -> dict[str, float]:
+    """How well self-dedup found the planted copies."""
+    copies = np.nonzero((group >= 0) & (group != np.arange(len(group))))[0]
+    pair_recall = float((labels[copies] == labels[group[copies]]).mean())
+    originals = np.unique(group[copies])
+    kept = labels == np.arange(len(labels))
+    members = np.nonzero(group >= 0)[0]
+    kept_per_group = np.bincount(group[members], weights=kept[members], minlength=len(group))[originals]
+    removed_non_copies = int((~kept & (group < 0)).sum())
+    return {
+        "planted_copies": len(copies),
+        "pair_recall": pair_recall,
+        "groups_collapsed": float((kept_per_group == 1).mean()),
+        "removed_non_copies": removed_non_copies,
+    }
+
+
+def exact_vs_ivf(store: ArrayEmbeddings, x: np.ndarray, ivf_index, queries: int, k: int, thr: float) -> dict:
+    """Exact flat search on a query subsample: time per query and recall of the IVF edges."""
+    rng = np.random.default_rng(1)
+    q_rows = np.sort(rng.choice(len(x), size=min(queries, len(x)), replace=False))
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(x)
+    t0 = time.perf_counter()
+    exact_sims, exact_ids = flat.search(x[q_rows], k + 1)
+    exact_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ivf_sims, ivf_ids = ivf_index.search(x[q_rows], k + 1)
+    ivf_s = time.perf_counter() - t0
+    del flat
+    found = exact_found = 0
+    for i, r in enumerate(q_rows):
+        exact_edges = set(exact_ids[i][(exact_sims[i] > thr) & (exact_ids[i] != r)])
+        ivf_edges = set(ivf_ids[i][(ivf_sims[i] > thr) & (ivf_ids[i] != r)])
+        exact_found += len(exact_edges)
+        found += len(exact_edges & ivf_edges)
+    knn_recall = np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(exact_ids[:, 1:], ivf_ids[:, 1:], strict=True)])
+    return {
+        "queries": len(q_rows),
+        "exact_s_per_1k": 1000 * exact_s / len(q_rows),
+        "ivf_s_per_1k": 1000 * ivf_s / len(q_rows),
+        "exact_full_graph_s": exact_s / len(q_rows) * len(x),
+        "edge_recall": found / max(exact_found, 1),
+        "exact_edges": exact_found,
+        "knn_recall_at_k": float(knn_recall),
+    }
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float, float]] = []
+
+    def run(self, name: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.rows.append((name, time.perf_counter() - t0, peak_rss_gb()))
+        print(f"{name:<34s} {self.rows[-1][1]:8.1f} s   peak RSS {self.rows[-1][2]:6.2f} GB", flush=True)
+        return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--clusters", type=int, default=2000, help="true clusters of the synthetic pool")
+    p.add_argument("--dup-fraction", type=float, default=0.05, help="share of base images that get copies")
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--nlist", type=int, default=0, help="IVF cells (0: 4 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=8)
+    p.add_argument("--index", default="ivfsq", choices=["flat", "ivf", "ivfsq", "ivfpq"], help="k-NN graph index")
+    p.add_argument("--kmeans-k", type=int, default=1000)
+    p.add_argument("--kmeans-iter", type=int, default=10)
+    p.add_argument("--seed-large", type=int, default=100_000, help="sample-based seed set size")
+    p.add_argument("--seed-small", type=int, default=1_000, help="cluster-based seed set size")
+    p.add_argument("--eval-size", type=int, default=1_000)
+    p.add_argument("--exact-queries", type=int, default=2_000)
+    p.add_argument("--chunk", type=int, default=65536)
+    args = p.parse_args(argv)
+
+    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; N={args.n:,} D={args.dim}")
+    timer = Timer()
+    x, group = timer.run("generate synthetic pool", synthetic_pool, args.n, args.dim, args.clusters, args.dup_fraction)
+    store = ArrayEmbeddings(x, chunk_rows=args.chunk)
+    index_cfg = IndexConfig(kind=args.index, nlist=args.nlist, nprobe=args.nprobe)
+    dedup_cfg = DedupConfig(k=args.k)
+    rng = np.random.default_rng(2)
+
+    with tempfile.TemporaryDirectory(prefix="curate-bench-") as tmp:
+        out = Path(tmp)
+        full_index = timer.run("  dedup: train + fill IVF index", build_index, store, index_cfg)
+        labels = timer.run(
+            "dedup: k-NN graph + union-find",
+            self_dedup, store, dedup_cfg, Stage(out / "dedup", "dedup", {}), index_cfg, lambda: full_index,
+        )
+        recall = duplicate_recall(labels, group)
+        comparison = timer.run("exact vs IVF on a query sample", exact_vs_ivf, store, x, full_index.index,
+                               args.exact_queries, args.k, dedup_cfg.threshold)
+        trained = full_index.trained
+        full_index = None  # free the vectors before the retrieval index is filled
+
+        evals = _noisy(rng, x[rng.choice(args.n, args.eval_size, replace=False)], 0.4)
+        keep = timer.run("relative dedup (flat over eval set)", relative_dedup, store, evals, labels, dedup_cfg,
+                         Stage(out / "relative", "relative", {}))
+        clusters = timer.run("k-means (train on sample + assign)", pool_kmeans, store, keep,
+                             KMeansConfig(n_clusters=args.kmeans_k, n_iter=args.kmeans_iter),
+                             Stage(out / "cluster", "cluster", {}))
+        retrieval_index = timer.run("retrieval: fill index over kept", build_index, store, index_cfg, keep, trained)
+        large = ArrayEmbeddings(_noisy(rng, x[rng.choice(args.n, args.seed_large, replace=False)], 0.8))
+        small = ArrayEmbeddings(_noisy(rng, x[rng.choice(args.n, args.seed_small, replace=False)], 0.8))
+        method_l, rows_l, _ = timer.run("retrieval: sample-based (large set)", retrieve_for_seed_set, "large", large,
+                                        retrieval_index, clusters, args.n, RetrieveConfig(method="sample"))
+        method_s, rows_s, _ = timer.run("retrieval: cluster-based (small set)", retrieve_for_seed_set, "small", small,
+                                        retrieval_index, clusters, args.n,
+                                        RetrieveConfig(method="cluster", per_cluster=1000, cap=200_000))
+
+    total = sum(t for name, t, _ in timer.rows if not name.startswith(("generate", "exact", "  ")))
+    total += next(t for name, t, _ in timer.rows if name.startswith("  dedup"))
+    print()
+    print(f"pool {args.n:,}; kept after self-dedup {int((labels == np.arange(args.n)).sum()):,}; "
+          f"after relative dedup {len(keep):,}")
+    print(f"planted copies {recall['planted_copies']:,}: pair recall {recall['pair_recall']:.4f}, "
+          f"groups collapsed to one image {recall['groups_collapsed']:.4f}, "
+          f"non-copies removed {recall['removed_non_copies']}")
+    print(f"retrieved: {method_l} {len(rows_l):,} images for {args.seed_large:,} seeds; "
+          f"{method_s} {len(rows_s):,} images for {args.seed_small:,} seeds")
+    print(f"{args.index} nlist={index_cfg.resolved_nlist(args.n)} nprobe={args.nprobe}: "
+          f"k-NN recall@{args.k} {comparison['knn_recall_at_k']:.4f}, "
+          f"edge (>{dedup_cfg.threshold}) recall {comparison['edge_recall']:.4f} "
+          f"over {comparison['exact_edges']} exact edges of {comparison['queries']} queries")
+    graph_time = next(t for name, t, _ in timer.rows if name.startswith("dedup:"))
+    print(f"exact k-NN graph (flat) extrapolated: {comparison['exact_full_graph_s']:.0f} s vs IVF graph "
+          f"{graph_time:.0f} s -> ratio exact/IVF {comparison['exact_full_graph_s'] / graph_time:.1f}x "
+          f"(per 1k queries: exact {comparison['exact_s_per_1k']:.2f} s, IVF {comparison['ivf_s_per_1k']:.3f} s)")
+    print(f"dedup + relative + k-means + retrieval: {total:.0f} s, peak RSS {peak_rss_gb():.2f} GB "
+          f"(the pool array alone: {x.nbytes / 1024**3:.2f} GB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

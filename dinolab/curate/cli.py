@@ -1,0 +1,125 @@
+"""``dinolab curate``: build a pretraining set from a raw pool and curated seed sets.
+
+Example::
+
+    dinolab curate --pool /data/raw --seeds in1k=/data/imagenet/train gldv2=/data/gld.npy \\
+        --eval-sets in1k-val=/data/imagenet/val --out runs/curated --arch vitl14 --weights vitl14.pth \\
+        -- dedup.threshold=0.6 kmeans.n_clusters=100000 retrieve.cap=1000000
+
+``key=value`` overrides (any field of :class:`~dinolab.curate.pipeline.CurateConfig`, dotted) go
+at the end; items after ``--seeds`` / ``--eval-sets`` whose key is a configuration field are
+overrides too. The same command resumes a killed run; under ``torchrun`` every rank embeds its
+share of the shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dinolab.curate.pipeline import CurateConfig, run_curation
+
+
+def is_override(item: str) -> bool:
+    """True if ``item`` is ``key=value`` with ``key`` a (dotted) :class:`CurateConfig` field."""
+    key, sep, _ = item.partition("=")
+    return bool(sep) and key.split(".")[0] in CurateConfig.__dataclass_fields__
+
+
+def parse_named(items: list[str] | None, option: str) -> tuple[dict[str, str], list[str]]:
+    """``["name=path", ...]`` -> ``({name: path}, overrides)``.
+
+    argparse gives ``--seeds`` every item up to the next option, so trailing ``key=value``
+    overrides land here; they are returned apart.
+    """
+    named: dict[str, str] = {}
+    overrides = []
+    for item in items or []:
+        if is_override(item):
+            overrides.append(item)
+            continue
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{option} expects NAME=PATH, got {item!r}")
+        if name in named:
+            raise ValueError(f"{option}: name {name!r} given twice")
+        named[name] = path
+    return named, overrides
+
+
+def build_config(args: argparse.Namespace, extra_overrides: list[str] | None = None) -> CurateConfig:
+    """:class:`CurateConfig` from defaults, ``--arch``/``--weights``/flags, then ``key=value`` overrides."""
+    base = OmegaConf.structured(CurateConfig)
+    flags = {"arch": args.arch, "weights": args.weights}
+    if args.recompute:
+        flags["on_change"] = "recompute"
+    if args.hierarchical:
+        flags["hierarchical_sample"] = True
+    try:
+        merged = OmegaConf.merge(
+            base,
+            {k: v for k, v in flags.items() if v is not None},
+            OmegaConf.from_dotlist(list(args.overrides) + list(extra_overrides or [])),
+        )
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"bad override: {str(err).splitlines()[0]}") from None
+
+
+def _init_distributed() -> bool:
+    """Start a gloo process group under torchrun (only barriers are needed); True if started here."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or torch.distributed.is_initialized():
+        return False
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    seeds, seed_overrides = parse_named(args.seeds, "--seeds")
+    eval_sets, eval_overrides = parse_named(args.eval_sets, "--eval-sets")
+    cfg = build_config(args, seed_overrides + eval_overrides)
+    started = _init_distributed()
+    try:
+        counts = run_curation(args.pool, seeds, args.out, cfg, eval_sets=eval_sets)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+    if counts:
+        print(json.dumps(counts, indent=2))
+        print(f"curated manifest: {os.path.join(args.out, 'curated.jsonl')}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "curate",
+        help="curate a pretraining set: embed, deduplicate, cluster, retrieve (Faiss)",
+        description=__doc__.split("Example::")[0].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Overrides: any CurateConfig field, e.g. dedup.threshold=0.6 index.kind=ivfpq "
+        "embed.shard_size=65536 kmeans.n_clusters=100000 retrieve.method=sample hierarchical.target_size=1000000.",
+    )
+    parser.add_argument(
+        "--pool", required=True, help="image folder, .txt list of images, or embeddings .npy/.npz/.safetensors"
+    )
+    parser.add_argument(
+        "--seeds", nargs="+", action="extend", metavar="NAME=PATH", help="curated seed sets (images or embeddings)"
+    )
+    parser.add_argument(
+        "--eval-sets", nargs="+", action="extend", metavar="NAME=PATH", help="evaluation sets for relative dedup"
+    )
+    parser.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    parser.add_argument("--arch", default=None, help="backbone, e.g. vits14 or vitl14_reg (default vits14)")
+    parser.add_argument("--weights", default=None, help="backbone weights .pth / .safetensors")
+    parser.add_argument(
+        "--hierarchical", action="store_true", help="also draw a balanced sample with hierarchical k-means"
+    )
+    parser.add_argument("--recompute", action="store_true", help="recompute stages whose configuration changed")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
+    parser.set_defaults(func=run)

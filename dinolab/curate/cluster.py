@@ -1,0 +1,220 @@
+"""Spherical k-means of the pool with Faiss, trained on a sample and assigned chunk by chunk.
+
+DINOv2 App. A.4 clusters the deduplicated pool into 100k clusters for cluster-based retrieval.
+Faiss trains on at most ``max_points_per_centroid x k`` vectors (a random sample of the rows,
+gathered in one streaming pass); every row is then assigned to its most similar centroid, one
+chunk per resumable shard. Memory: the training sample, the ``k x D`` centroids, one chunk, and
+the per-row results (12 bytes x N).
+
+Stage folder: ``centroids.npy`` [K, D] and one shard per chunk with ``rows``, ``cluster``, ``sim``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from dinolab.curate.index import gpu_available
+from dinolab.curate.stages import Stage
+from dinolab.curate.store import EmbeddingStore, l2_normalize
+from dinolab.io import atomic_path
+
+
+@dataclass
+class KMeansConfig:
+    """Spherical k-means settings.
+
+    Attributes:
+        n_clusters: clusters; 0 picks ``N // 100`` clipped to [2, 100_000] (paper: 100k for 744M).
+        n_iter: Lloyd iterations.
+        max_points_per_centroid: training sample size per centroid (Faiss's default is 256).
+        seed: sampling and initialisation seed.
+        use_gpu: train on GPU when faiss has GPU support.
+    """
+
+    n_clusters: int = 0
+    n_iter: int = 20
+    max_points_per_centroid: int = 256
+    seed: int = 0
+    use_gpu: bool = True
+
+    def resolved_k(self, n: int) -> int:
+        k = self.n_clusters or int(np.clip(n // 100, 2, 100_000))
+        return max(1, min(k, n))
+
+
+@dataclass
+class ClusterAssignment:
+    """Rows of the pool and the cluster each belongs to.
+
+    Attributes:
+        centroids: [K, D] unit centroids.
+        rows: [M] pool rows clustered (sorted).
+        cluster: [M] int64 cluster of each row.
+        sim: [M] float32 cosine similarity of each row to its centroid.
+    """
+
+    centroids: np.ndarray
+    rows: np.ndarray
+    cluster: np.ndarray
+    sim: np.ndarray
+
+    def cluster_of_rows(self, num_rows: int) -> np.ndarray:
+        """[num_rows] cluster per pool row, -1 for rows that were not clustered."""
+        lookup = np.full(num_rows, -1, dtype=np.int64)
+        lookup[self.rows] = self.cluster
+        return lookup
+
+
+def spherical_kmeans(
+    x: np.ndarray,
+    k: int,
+    n_iter: int = 20,
+    seed: int = 0,
+    init_centroids: np.ndarray | None = None,
+    use_gpu: bool = True,
+    max_points_per_centroid: int = 256,
+) -> np.ndarray:
+    """Faiss spherical k-means (centroids renormalised after every update).
+
+    Args:
+        x: [M, D] unit vectors (all used if ``M <= max_points_per_centroid * k``, else subsampled).
+        k: clusters (at most M).
+        init_centroids: [k, D] starting centroids (warm start); default random points.
+
+    Returns:
+        centroids [k, D] float32, unit norm.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    kmeans = faiss.Kmeans(
+        x.shape[1],
+        int(k),
+        niter=n_iter,
+        spherical=True,
+        seed=seed,
+        gpu=bool(use_gpu and gpu_available()),
+        max_points_per_centroid=max_points_per_centroid,
+        verbose=False,
+    )
+    init = None if init_centroids is None else np.ascontiguousarray(init_centroids, dtype=np.float32)
+    kmeans.train(x, init_centroids=init)
+    return l2_normalize(kmeans.centroids)
+
+
+def assign(centroids: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Most similar centroid of each vector.
+
+    Args:
+        centroids: [K, D] unit vectors.
+        x: [n, D] unit vectors.
+
+    Returns:
+        cluster [n] int64, sim [n] float32.
+    """
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    sims, ids = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+    return ids[:, 0].astype(np.int64), sims[:, 0]
+
+
+def sample_rows(rows: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A sorted random subset of ``rows`` of at most ``size`` elements."""
+    if size >= len(rows):
+        return np.asarray(rows, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(rows, size=size, replace=False)).astype(np.int64)
+
+
+def assign_chunk(store: EmbeddingStore, index: int, rows: np.ndarray, centroids: np.ndarray) -> dict[str, np.ndarray]:
+    """Assignment of the selected ``rows`` that fall in chunk ``index`` of the store."""
+    start, emb = store.chunk(index)
+    lo, hi = np.searchsorted(rows, [start, start + len(emb)])
+    chunk_rows = rows[lo:hi]
+    cluster, sim = assign(centroids, emb[chunk_rows - start]) if len(chunk_rows) else (np.zeros(0, np.int64),) * 2
+    return {"rows": chunk_rows, "cluster": cluster, "sim": np.asarray(sim, dtype=np.float32)}
+
+
+def pool_kmeans(store: EmbeddingStore, rows: np.ndarray, cfg: KMeansConfig, stage: Stage) -> ClusterAssignment:
+    """Cluster ``rows`` of the pool (resumable: centroids once, then one shard per chunk).
+
+    Args:
+        store: the pool.
+        rows: sorted pool rows to cluster (e.g. kept after deduplication).
+        cfg: k-means settings.
+        stage: the cluster stage.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    centroids_file = stage.path("centroids.npy")
+    num_shards = store.num_chunks()
+    if not stage.done:
+        stage.open()
+        if not centroids_file.exists():
+            k = cfg.resolved_k(len(rows))
+            train = store.gather(sample_rows(rows, k * cfg.max_points_per_centroid, cfg.seed))
+            centroids = spherical_kmeans(train, k, cfg.n_iter, cfg.seed, None, cfg.use_gpu, cfg.max_points_per_centroid)
+            with atomic_path(centroids_file) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, centroids)
+        centroids = np.load(centroids_file)
+        stage.run_shards(num_shards, lambda i: assign_chunk(store, i, rows, centroids), desc="k-means assign")
+        stage.finish({"n_clusters": int(len(centroids)), "num_rows": int(len(rows))}, num_shards)
+    return load_assignment(stage, num_shards)
+
+
+def load_assignment(stage: Stage, num_shards: int) -> ClusterAssignment:
+    """The :class:`ClusterAssignment` stored by a finished :func:`pool_kmeans` stage."""
+    shards = [stage.load_shard(i) for i in range(num_shards)]
+    return ClusterAssignment(
+        centroids=np.load(stage.path("centroids.npy")),
+        rows=np.concatenate([s["rows"] for s in shards]).astype(np.int64),
+        cluster=np.concatenate([s["cluster"] for s in shards]).astype(np.int64),
+        sim=np.concatenate([s["sim"] for s in shards]).astype(np.float32),
+    )
+
+
+def rank_in_group(groups: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Position of each element within its group when the group is sorted by ``key`` ascending.
+
+    Args:
+        groups: [M] int group of each element.
+        key: [M] sort key (ties broken by element index).
+
+    Returns:
+        [M] int64 rank, 0 for the element with the smallest key of its group.
+    """
+    order = np.lexsort((np.arange(len(groups)), key, groups))
+    sorted_groups = groups[order]
+    starts = np.r_[0, np.nonzero(np.diff(sorted_groups))[0] + 1]
+    group_start = np.repeat(starts, np.diff(np.r_[starts, len(groups)]))
+    ranks = np.empty(len(groups), dtype=np.int64)
+    ranks[order] = np.arange(len(groups)) - group_start
+    return ranks
+
+
+def take_per_cluster(
+    cluster: np.ndarray, sim: np.ndarray, quota: np.ndarray, strategy: str = "closest", seed: int = 0
+) -> np.ndarray:
+    """Indices of the elements selected from every cluster, at most ``quota[c]`` from cluster c.
+
+    Args:
+        cluster: [M] cluster of each element.
+        sim: [M] similarity to the cluster centroid.
+        quota: [K] elements wanted from each cluster.
+        strategy: ``closest`` (highest similarity to the centroid first) or ``random``.
+        seed: seed for ``random``.
+
+    Returns:
+        Sorted element indices [S] int64.
+    """
+    if strategy == "closest":
+        key = -np.asarray(sim, dtype=np.float64)
+    elif strategy == "random":
+        key = np.random.default_rng(seed).random(len(cluster))
+    else:
+        raise ValueError(f"sampling strategy must be 'closest' or 'random', got {strategy!r}")
+    if len(cluster) == 0:
+        return np.zeros(0, dtype=np.int64)
+    ranks = rank_in_group(cluster, key)
+    return np.nonzero(ranks < quota[cluster])[0].astype(np.int64)

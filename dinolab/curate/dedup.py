@@ -1,0 +1,212 @@
+"""Self- and relative deduplication of an embedding pool (DINOv2 App. A.3).
+
+Self-deduplication: a k-NN graph over the pool (k = 64, cosine), keep the edges with similarity
+above 0.6, take connected components with a union-find, keep one image per component: its lowest
+row (deterministic, whatever the order in which Faiss returns neighbours).
+
+Relative deduplication: every pool image is compared with the images of the evaluation sets; a
+pool image more similar than 0.45 to any of them condemns its whole self-dedup component.
+
+Both run as resumable stages over the pool's chunks (one shard of edges / hits per chunk). Memory:
+the Faiss index of the pool (see :mod:`dinolab.curate.index`), one chunk of queries with their
+``[chunk, k]`` neighbours, and per-row arrays (8 bytes x N for the union-find).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from dinolab.curate.index import IndexConfig, PoolIndex, build_index, index_array
+from dinolab.curate.stages import Stage
+from dinolab.curate.store import EmbeddingStore
+from dinolab.curate.union_find import UnionFind
+from dinolab.io import atomic_save_npz
+
+
+@dataclass
+class DedupConfig:
+    """Deduplication settings (paper values as defaults).
+
+    Attributes:
+        k: neighbours per image in the k-NN graph.
+        threshold: cosine similarity above which two pool images are duplicates.
+        relative_threshold: cosine similarity to an evaluation image above which a pool
+            component is dropped.
+    """
+
+    k: int = 64
+    threshold: float = 0.6
+    relative_threshold: float = 0.45
+
+
+def knn_edges(index: PoolIndex, first_row: int, queries: np.ndarray, k: int, threshold: float) -> dict[str, np.ndarray]:
+    """Duplicate edges of one chunk of pool rows.
+
+    Args:
+        index: index over the pool.
+        first_row: pool row of ``queries[0]``.
+        queries: [n, D] unit embeddings of rows ``first_row .. first_row + n - 1``.
+        k: neighbours per row (the row itself is searched for too and dropped).
+        threshold: keep edges with similarity strictly above this.
+
+    Returns:
+        ``nn_sim [n]`` float32 similarity to the nearest other row (-inf if none),
+        ``src [E]``, ``dst [E]`` int64 rows and ``sim [E]`` float32 of the kept edges.
+    """
+    sims, nbrs = index.search(queries, k + 1)
+    src = (first_row + np.arange(len(queries), dtype=np.int64))[:, None]
+    other = (nbrs != src) & (nbrs >= 0)
+    # An exact copy can be returned before the row itself, so "self" is found by id, not by rank.
+    masked = np.where(other, sims, -np.inf)
+    nn_sim = masked.max(axis=1) if k > 0 else np.full(len(queries), -np.inf, np.float32)
+    edge = other & (sims > threshold)
+    src_full = np.broadcast_to(src, nbrs.shape)
+    return {
+        "nn_sim": nn_sim.astype(np.float32),
+        "src": src_full[edge].astype(np.int64),
+        "dst": nbrs[edge].astype(np.int64),
+        "sim": sims[edge].astype(np.float32),
+    }
+
+
+def self_dedup(
+    store: EmbeddingStore,
+    cfg: DedupConfig,
+    stage: Stage,
+    index_cfg: IndexConfig | None = None,
+    make_index: Callable[[], PoolIndex] | None = None,
+) -> np.ndarray:
+    """Connected components of the duplicate graph of the pool (resumable).
+
+    The index over the whole pool comes from ``make_index`` (default: :func:`build_index` with
+    ``index_cfg``) and is built only if some shard is left to compute.
+
+    Writes one shard of edges per chunk, then ``components.npz`` (``labels [N]``: lowest row of each
+    row's component).
+
+    Returns:
+        labels [N] int64; row i is kept by self-dedup iff ``labels[i] == i``.
+    """
+    components = stage.path("components.npz")
+    if not stage.done:
+        stage.open()
+        num_shards = store.num_chunks()
+        built: list[PoolIndex] = []
+
+        def compute(i: int) -> dict[str, np.ndarray]:
+            if not built:
+                built.append(make_index() if make_index else build_index(store, index_cfg or IndexConfig()))
+            first_row, emb = store.chunk(i)
+            return knn_edges(built[0], first_row, emb, cfg.k, cfg.threshold)
+
+        stage.run_shards(num_shards, compute, desc="dedup k-NN graph")
+        labels, num_edges = components_from_shards(stage, num_shards, store.num_rows)
+        atomic_save_npz(components, labels=labels)
+        sizes = np.bincount(labels, minlength=store.num_rows)
+        stage.finish(
+            {
+                "num_rows": store.num_rows,
+                "num_kept": int((labels == np.arange(store.num_rows)).sum()),
+                "num_duplicate_components": int((sizes > 1).sum()),
+                "num_edges": num_edges,
+                "components": components.name,
+            },
+            num_shards,
+        )
+    with np.load(components, allow_pickle=False) as data:
+        return data["labels"]
+
+
+def components_from_shards(stage: Stage, num_shards: int, num_rows: int) -> tuple[np.ndarray, int]:
+    """Union-find over the edges of every shard, one shard in memory at a time.
+
+    Returns:
+        labels [N] int64 (lowest row of each component), number of edges read.
+    """
+    uf = UnionFind(num_rows)
+    num_edges = 0
+    for i in range(num_shards):
+        shard = stage.load_shard(i)
+        uf.union_edges(shard["src"], shard["dst"])
+        num_edges += int(shard["src"].size)
+    return uf.roots(), num_edges
+
+
+def nearest_neighbour_similarities(stage: Stage) -> np.ndarray:
+    """[N] similarity of each pool row to its nearest other row, from a finished self-dedup stage."""
+    num_shards = len(stage.read_manifest()["shards"])
+    return np.concatenate([stage.load_shard(i)["nn_sim"] for i in range(num_shards)])
+
+
+def eval_hits(index: PoolIndex, queries: np.ndarray) -> np.ndarray:
+    """Similarity of each query [n, D] to its nearest evaluation image -> [n] float32."""
+    sims, _ = index.search(queries, 1)
+    return sims[:, 0]
+
+
+def relative_dedup(
+    store: EmbeddingStore,
+    eval_embeddings: np.ndarray,
+    labels: np.ndarray,
+    cfg: DedupConfig,
+    stage: Stage,
+) -> np.ndarray:
+    """Rows kept after self- and relative deduplication (resumable).
+
+    Args:
+        store: the pool.
+        eval_embeddings: [M, D] unit embeddings of all evaluation images (held in memory; exact index).
+        labels: [N] component labels from :func:`self_dedup`.
+        cfg: thresholds.
+        stage: stage writing one shard of nearest-evaluation similarities per chunk, then ``keep.npz``.
+
+    Returns:
+        Sorted pool rows [K] int64: component representatives whose component has no image above
+        ``cfg.relative_threshold`` to any evaluation image.
+    """
+    keep_file = stage.path("keep.npz")
+    if not stage.done:
+        stage.open()
+        num_shards = store.num_chunks()
+        index = index_array(eval_embeddings, IndexConfig(kind="flat")) if len(eval_embeddings) else None
+
+        def compute(i: int) -> dict[str, np.ndarray]:
+            _, emb = store.chunk(i)
+            if index is None:
+                return {"eval_sim": np.full(len(emb), -np.inf, np.float32)}
+            return {"eval_sim": eval_hits(index, emb)}
+
+        stage.run_shards(num_shards, compute, desc="relative dedup")
+        eval_sim = np.concatenate([stage.load_shard(i)["eval_sim"] for i in range(num_shards)])
+        keep, dropped_components = drop_components(labels, eval_sim > cfg.relative_threshold)
+        atomic_save_npz(keep_file, rows=keep)
+        stage.finish(
+            {
+                "num_flagged_images": int((eval_sim > cfg.relative_threshold).sum()),
+                "num_dropped_components": int(len(dropped_components)),
+                "num_kept": int(len(keep)),
+                "keep": keep_file.name,
+            },
+            num_shards,
+        )
+    with np.load(keep_file, allow_pickle=False) as data:
+        return data["rows"]
+
+
+def drop_components(labels: np.ndarray, flagged: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Representatives of the components that hold no flagged row.
+
+    Args:
+        labels: [N] component label (lowest row) of each row.
+        flagged: [N] bool, rows too similar to an evaluation image.
+
+    Returns:
+        kept rows [K] int64 (sorted), dropped component labels [C] int64 (sorted).
+    """
+    dropped = np.unique(labels[flagged])
+    representative = labels == np.arange(len(labels))
+    keep = np.nonzero(representative & ~np.isin(labels, dropped))[0]
+    return keep.astype(np.int64), dropped.astype(np.int64)

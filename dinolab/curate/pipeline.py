@@ -1,0 +1,352 @@
+"""The curation pipeline: embed -> self-dedup -> relative dedup -> cluster -> retrieve -> report.
+
+Output folder (every stage resumable, see :mod:`dinolab.curate.stages`)::
+
+    <out>/config.json                 # the resolved configuration
+    <out>/embed/pool/                 # pool embeddings (skipped when the pool is an embeddings file)
+    <out>/embed/seeds-<name>/         # seed-set embeddings (same)
+    <out>/embed/eval-<name>/          # evaluation-set embeddings (same)
+    <out>/dedup/                      # k-NN graph edges per chunk, components.npz
+    <out>/relative_dedup/             # nearest-evaluation similarity per chunk, keep.npz
+    <out>/cluster/                    # centroids.npy, assignment per chunk (if cluster-based retrieval)
+    <out>/hierarchical/               # levels.npz, sample.npz (if hierarchical sampling)
+    <out>/retrieve/                   # rows per seed set, <name>.jsonl
+    <out>/curated.jsonl               # the union: {"path", "row", "seed_set", "method", "similarity"}
+    <out>/report/                     # report.json, nn_similarity.png, duplicates.png, clusters.png
+
+Under torchrun every rank embeds its stride of shards; rank 0 then runs the remaining stages.
+Memory is bounded by the shard / chunk size except for the Faiss indexes (see
+:mod:`dinolab.curate.index`) and per-row integer arrays (a few bytes x N).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from dinolab.curate.cluster import ClusterAssignment, KMeansConfig, pool_kmeans
+from dinolab.curate.dedup import DedupConfig, nearest_neighbour_similarities, relative_dedup, self_dedup
+from dinolab.curate.embed import EmbedConfig, dist_env, embed_images
+from dinolab.curate.hierarchical import HierarchicalConfig, run_hierarchical
+from dinolab.curate.index import IndexConfig, PoolIndex, build_index
+from dinolab.curate.report import ReportConfig, write_report
+from dinolab.curate.retrieve import RetrieveConfig, make_records, retrieve_for_seed_set, union_records, write_jsonl
+from dinolab.curate.stages import Stage
+from dinolab.curate.store import EmbeddingStore, ShardedEmbeddings, is_precomputed, load_precomputed
+from dinolab.data.images import resolve_image_source
+from dinolab.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CurateConfig:
+    """Everything ``dinolab curate`` can be told (override with ``key=value``, e.g. ``dedup.threshold=0.7``).
+
+    Attributes:
+        arch: backbone name for :func:`dinolab.models.build_backbone` (images only).
+        weights: backbone weights file; ``None`` = random init (only useful for testing).
+        embed: embedding settings.
+        index: the pool index (k-NN graph and retrieval).
+        dedup: deduplication thresholds and k.
+        kmeans: k-means for cluster-based retrieval.
+        hierarchical_sample: also draw a balanced sample with hierarchical k-means (no seeds needed).
+        hierarchical: hierarchical k-means settings.
+        retrieve: retrieval settings.
+        report: report settings.
+        chunk_rows: rows per chunk when the pool is a precomputed embeddings file.
+        on_change: a stage already run with another configuration: ``error`` or ``recompute``.
+    """
+
+    arch: str = "vits14"
+    weights: str | None = None
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+    hierarchical_sample: bool = False
+    hierarchical: HierarchicalConfig = field(default_factory=HierarchicalConfig)
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    chunk_rows: int = 65536
+    on_change: str = "error"
+
+
+# Settings that change speed, not results: left out of stage hashes so a run can resume elsewhere.
+HARDWARE_FIELDS = ("use_gpu", "search_batch", "num_workers", "device", "batch_size")
+
+
+def _result_key(cfg: Any) -> dict:
+    """The fields of a config dataclass that change results."""
+    return {k: v for k, v in asdict(cfg).items() if k not in HARDWARE_FIELDS}
+
+
+def _hash_strings(items: list[str]) -> str:
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(item.encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def _file_key(path: str | Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    return {"file": str(path), "bytes": path.stat().st_size if path.exists() else None}
+
+
+class _Sources:
+    """Opens pools / seed sets / evaluation sets: precomputed files directly, image sources by embedding."""
+
+    def __init__(self, out: Path, cfg: CurateConfig, model: torch.nn.Module | Callable[[], torch.nn.Module] | None):
+        self.out, self.cfg = out, cfg
+        self.model = model if model is not None else self._build_model
+        self.rank, self.world_size = dist_env()
+        self.pending: list[tuple[list[Path], Stage]] = []
+
+    def _build_model(self) -> torch.nn.Module:
+        from dinolab.models import build_backbone
+
+        if self.cfg.weights is None:
+            log.warning("embedding with a randomly initialised %s: pass --weights for real curation", self.cfg.arch)
+        return build_backbone(self.cfg.arch, weights=self.cfg.weights)
+
+    def embed(self, name: str, source: str | Path) -> tuple[Path | None, dict[str, Any]]:
+        """Embed an image source on this rank (no-op for embeddings files) -> (folder, hash key)."""
+        if is_precomputed(source):
+            return None, {"precomputed": _file_key(source)}
+        paths = resolve_image_source(source)
+        config = {
+            "images": _hash_strings([str(p) for p in paths]),
+            "num_images": len(paths),
+            "arch": self.cfg.arch,
+            "weights": _file_key(self.cfg.weights),
+            "embed": _result_key(self.cfg.embed),
+        }
+        stage = Stage(self.out / "embed" / name, "embed", config, self.cfg.on_change).open()
+        embed_images(paths, self.model, stage, self.cfg.embed, self.rank, self.world_size)
+        self.pending.append((paths, stage))
+        return stage.folder, {"embed": stage.hash}
+
+    def finish_all(self) -> None:
+        """On rank 0 after all ranks embedded: finish (or complete) every embedding stage."""
+        for paths, stage in self.pending:
+            if not embed_images(paths, self.model, stage, self.cfg.embed, rank=0, world_size=1):
+                raise RuntimeError(f"embedding stage {stage.folder} did not finish")
+
+    def open(self, source: str | Path, folder: Path | None) -> EmbeddingStore:
+        if folder is None:
+            return load_precomputed(source, chunk_rows=self.cfg.chunk_rows)
+        return ShardedEmbeddings(folder)
+
+
+class _PoolIndexes:
+    """Builds the pool index for dedup, then reuses its training (IVF cells) for retrieval."""
+
+    def __init__(self, store: EmbeddingStore, cfg: IndexConfig) -> None:
+        self.store, self.cfg = store, cfg
+        self.trained = None
+        self._full: PoolIndex | None = None
+
+    def full(self) -> PoolIndex:
+        if self._full is None:
+            self._full = build_index(self.store, self.cfg)
+            self.trained = self._full.trained
+        return self._full
+
+    def release_full(self) -> None:
+        self._full = None  # frees the vectors; the trained empty copy stays
+
+    def over(self, rows: np.ndarray) -> PoolIndex:
+        # The kept rows are a subset of the pool, so the pool's IVF cells suit them; reuse them
+        # unless "auto" picks another kind for the smaller count.
+        same_kind = self.cfg.resolved_kind(len(rows)) == self.cfg.resolved_kind(self.store.num_rows)
+        trained = self.trained if same_kind else None
+        return build_index(self.store, self.cfg, rows=rows, trained=trained)
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _parse_named(named: dict[str, str | Path] | None) -> dict[str, str | Path]:
+    named = dict(named or {})
+    for name in named:
+        if not name or "/" in name:
+            raise ValueError(f"set name {name!r} must be non-empty and contain no '/'")
+    return named
+
+
+def run_curation(
+    pool: str | Path,
+    seeds: dict[str, str | Path] | None,
+    out: str | Path,
+    cfg: CurateConfig | None = None,
+    eval_sets: dict[str, str | Path] | None = None,
+    model: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline.
+
+    Args:
+        pool: image folder, ``.txt`` list of images, or embeddings file (``.npy``/``.npz``/``.safetensors``).
+        seeds: seed-set name -> image source or embeddings file.
+        out: output folder.
+        cfg: configuration.
+        eval_sets: evaluation-set name -> source, for relative deduplication.
+        model: backbone (or a function building it); default ``build_backbone(cfg.arch, cfg.weights)``.
+
+    Returns:
+        Counts per stage (also written to ``<out>/report/report.json``); ``{}`` on ranks other than 0.
+    """
+    cfg = cfg or CurateConfig()
+    out = Path(out)
+    seeds, eval_sets = _parse_named(seeds), _parse_named(eval_sets)
+    if not seeds and not cfg.hierarchical_sample:
+        raise ValueError("no seed sets given (--seeds NAME=PATH) and hierarchical_sample is off: nothing to curate")
+    sources = _Sources(out, cfg, model)
+    pool_folder, pool_key = sources.embed("pool", pool)
+    seed_folders = {n: sources.embed(f"seeds-{n}", p) for n, p in seeds.items()}
+    eval_folders = {n: sources.embed(f"eval-{n}", p) for n, p in eval_sets.items()}
+    _barrier()
+    if sources.rank != 0:
+        return {}
+    sources.finish_all()
+    atomic_write_json(out / "config.json", asdict(cfg))
+
+    store = sources.open(pool, pool_folder)
+    seed_stores = {n: sources.open(seeds[n], f) for n, (f, _) in seed_folders.items()}
+    eval_stores = {n: sources.open(eval_sets[n], f) for n, (f, _) in eval_folders.items()}
+    _check_dims(store, {**seed_stores, **eval_stores})
+    counts: dict[str, Any] = {"pool": store.num_rows}
+
+    dedup_stage = Stage(out / "dedup", "dedup", {
+        "pool": pool_key, "k": cfg.dedup.k, "threshold": cfg.dedup.threshold, "index": _result_key(cfg.index),
+    }, cfg.on_change)
+    indexes = _PoolIndexes(store, cfg.index)
+    labels = self_dedup(store, cfg.dedup, dedup_stage, cfg.index, indexes.full)
+    indexes.release_full()
+    counts["self_dedup"] = dedup_stage.outputs
+
+    eval_emb = np.concatenate([s.gather(np.arange(s.num_rows)) for s in eval_stores.values()]) if eval_stores \
+        else np.zeros((0, store.dim), np.float32)
+    relative_stage = Stage(out / "relative_dedup", "relative_dedup", {
+        "dedup": dedup_stage.hash, "eval_sets": {n: k for n, (_, k) in eval_folders.items()},
+        "relative_threshold": cfg.dedup.relative_threshold,
+    }, cfg.on_change)
+    keep = relative_dedup(store, eval_emb, labels, cfg.dedup, relative_stage)
+    counts["relative_dedup"] = relative_stage.outputs
+
+    methods = {n: cfg.retrieve.method_for(s.num_rows) for n, s in seed_stores.items()}
+    clusters, cluster_hash = None, None
+    if "cluster" in methods.values():
+        cluster_stage = Stage(out / "cluster", "cluster", {
+            "kept": relative_stage.hash, "kmeans": _result_key(cfg.kmeans),
+        }, cfg.on_change)
+        clusters, cluster_hash = pool_kmeans(store, keep, cfg.kmeans, cluster_stage), cluster_stage.hash
+        counts["cluster"] = cluster_stage.outputs
+
+    records: list[dict[str, Any]] = []
+    if cfg.hierarchical_sample:
+        records += _hierarchical_records(store, keep, cfg, out, relative_stage.hash, counts)
+    if seeds:
+        retrieve_stage = Stage(out / "retrieve", "retrieve", {
+            "kept": relative_stage.hash, "cluster": cluster_hash, "index": _result_key(cfg.index),
+            "seeds": {n: k for n, (_, k) in seed_folders.items()}, "retrieve": _result_key(cfg.retrieve),
+        }, cfg.on_change)
+        records += _retrieve_all(store, keep, seed_stores, clusters, cfg, retrieve_stage, indexes)
+        counts["retrieve"] = retrieve_stage.outputs
+    curated = union_records(records)
+    write_jsonl(out / "curated.jsonl", curated)
+    counts["curated"] = len(curated)
+
+    _report(out, store, counts, dedup_stage, labels, clusters, cfg)
+    return counts
+
+
+def _check_dims(store: EmbeddingStore, others: dict[str, EmbeddingStore]) -> None:
+    for name, other in others.items():
+        if other.dim != store.dim:
+            raise ValueError(f"set {name!r} has {other.dim}-d embeddings but the pool has {store.dim}-d")
+
+
+def _hierarchical_records(
+    store: EmbeddingStore, keep: np.ndarray, cfg: CurateConfig, out: Path, kept_hash: str, counts: dict[str, Any]
+) -> list[dict[str, Any]]:
+    stage = Stage(out / "hierarchical", "hierarchical", {
+        "kept": kept_hash, "hierarchical": _result_key(cfg.hierarchical),
+    }, cfg.on_change)
+    rows = run_hierarchical(store, keep, cfg.hierarchical, stage)
+    counts["hierarchical"] = stage.outputs
+    with np.load(stage.path("levels.npz"), allow_pickle=False) as levels:
+        sim_of_kept = levels["sim_1"]
+    sims = sim_of_kept[np.searchsorted(keep, rows)]
+    return make_records(rows, sims, store.paths(rows), "hierarchical", "hierarchical")
+
+
+def _retrieve_all(
+    store: EmbeddingStore,
+    keep: np.ndarray,
+    seed_stores: dict[str, EmbeddingStore],
+    clusters: ClusterAssignment | None,
+    cfg: CurateConfig,
+    stage: Stage,
+    indexes: _PoolIndexes,
+) -> list[dict[str, Any]]:
+    """One shard per seed set (rows, similarities); on finish, ``<name>.jsonl`` per seed set."""
+    names = list(seed_stores)
+    methods: dict[int, str] = {}
+    index: list[PoolIndex] = []
+    if not stage.done:
+        stage.open()
+
+        def compute(i: int) -> dict[str, np.ndarray]:
+            if not index:
+                index.append(indexes.over(keep))
+            methods[i], rows, sims = retrieve_for_seed_set(
+                names[i], seed_stores[names[i]], index[0], clusters, store.num_rows, cfg.retrieve
+            )
+            return {"rows": rows, "sims": sims}
+
+        stage.run_shards(len(names), compute, desc="retrieve",
+                         info=lambda i, _: {"seed_set": names[i], "method": methods[i]})
+    markers = stage.shard_markers(len(names)) or []
+    records = []
+    for i, marker in enumerate(markers):
+        shard = stage.load_shard(i)
+        rows = shard["rows"]
+        seed_records = make_records(rows, shard["sims"], store.paths(rows), names[i], marker["method"])
+        write_jsonl(stage.path(f"{names[i]}.jsonl"), seed_records)
+        records += seed_records
+    if not stage.done:
+        stage.finish({m["seed_set"]: {"method": m["method"], "count": m["count"]} for m in markers}, len(names))
+    return records
+
+
+def _report(
+    out: Path,
+    store: EmbeddingStore,
+    counts: dict[str, Any],
+    dedup_stage: Stage,
+    labels: np.ndarray,
+    clusters: ClusterAssignment | None,
+    cfg: CurateConfig,
+) -> None:
+    has_paths = store.paths(np.zeros(1, np.int64)) is not None if store.num_rows else False
+    written = write_report(
+        out / "report",
+        counts,
+        nearest_neighbour_similarities(dedup_stage),
+        {"dedup": cfg.dedup.threshold, "relative dedup": cfg.dedup.relative_threshold},
+        paths_of=store.paths if has_paths else None,
+        labels=labels,
+        clusters=None if clusters is None else (clusters.cluster, clusters.sim, clusters.rows),
+        cfg=cfg.report,
+    )
+    counts["report"] = written

@@ -1,0 +1,209 @@
+"""Retrieve pool images close to curated seed sets (DINOv2 App. A.4) and write the manifest.
+
+* **sample-based** (large seed sets): the N nearest deduplicated pool images of every seed image
+  (N = 4 by default; the paper uses 4 for GLDv2 and ImageNet-22k, 32 for ImageNet-1k);
+* **cluster-based** (small seed sets): count, per k-means cluster of the pool, how many of the
+  seed images' nearest pool images fall in it; every cluster holding **more than** ``min_hits``
+  (3) of them contributes up to ``per_cluster`` images (10,000 in the paper), closest to the
+  centroid first;
+* a cap per seed set (1M in the paper): sample-based keeps the most similar images,
+  cluster-based takes whole clusters in decreasing hit count and cuts the last one.
+
+``method="auto"`` picks cluster-based for seed sets smaller than ``cluster_below`` images.
+Each record: ``{"path", "row", "seed_set", "method", "similarity"}``; ``similarity`` is to the
+nearest seed image (sample-based) or to the cluster centroid (cluster-based). The union over seed
+sets keeps one record per pool image (the most similar) and is what ``dinolab train --data
+curated.jsonl`` reads (it uses ``"path"``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinolab.curate.cluster import ClusterAssignment, take_per_cluster
+from dinolab.curate.index import PoolIndex
+from dinolab.curate.store import EmbeddingStore
+from dinolab.io import atomic_path
+
+METHODS = ("auto", "sample", "cluster")
+
+
+@dataclass
+class RetrieveConfig:
+    """Retrieval settings (paper values as defaults).
+
+    Attributes:
+        method: ``auto``, ``sample`` or ``cluster``.
+        cluster_below: ``auto`` uses cluster-based retrieval for seed sets with fewer images.
+        n_per_seed: sample-based: pool images per seed image (N).
+        hits_per_seed: cluster-based: nearest pool images per seed image counted as cluster hits.
+        min_hits: cluster-based: a cluster is used when it holds more than this many hits.
+        per_cluster: cluster-based: images taken from each used cluster (M).
+        cap: most images retrieved for one seed set.
+        cluster_sampling: which members of a cluster: ``closest`` to the centroid or ``random``.
+        seed: seed for ``random``.
+    """
+
+    method: str = "auto"
+    cluster_below: int = 1_000_000
+    n_per_seed: int = 4
+    hits_per_seed: int = 4
+    min_hits: int = 3
+    per_cluster: int = 10_000
+    cap: int = 1_000_000
+    cluster_sampling: str = "closest"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"retrieval method must be one of {METHODS}, got {self.method!r}")
+
+    def method_for(self, num_seeds: int) -> str:
+        if self.method != "auto":
+            return self.method
+        return "cluster" if num_seeds < self.cluster_below else "sample"
+
+
+def sample_based(index: PoolIndex, seeds: np.ndarray, n_per_seed: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n_per_seed`` nearest pool rows of every seed image, deduplicated, at most ``cap``.
+
+    Args:
+        index: index over the deduplicated pool.
+        seeds: [S, D] unit seed embeddings.
+
+    Returns:
+        rows [R] int64 and their similarity to the nearest seed [R] float32, most similar first.
+    """
+    sims, rows = index.search(seeds, n_per_seed)
+    return best_unique(rows.ravel(), sims.ravel(), cap)
+
+
+def best_unique(rows: np.ndarray, sims: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row once with its highest similarity, most similar first (ties by row), at most ``cap``.
+
+    Args:
+        rows: [R] pool rows (-1 = no result, dropped).
+        sims: [R] similarities.
+    """
+    valid = rows >= 0
+    sims, rows = sims[valid], rows[valid]
+    order = np.lexsort((rows, -sims))  # most similar first, ties by row
+    rows, sims = rows[order], sims[order]
+    _, first = np.unique(rows, return_index=True)  # first occurrence = highest similarity
+    first = np.sort(first)[:cap]
+    return rows[first], sims[first]
+
+
+def cluster_hits(index: PoolIndex, seeds: np.ndarray, hits_per_seed: int, cluster_of_row: np.ndarray) -> np.ndarray:
+    """[K] number of the seeds' nearest pool images that fall in each cluster."""
+    _, rows = index.search(seeds, hits_per_seed)
+    rows = rows[rows >= 0]
+    clusters = cluster_of_row[rows]
+    clusters = clusters[clusters >= 0]
+    return np.bincount(clusters, minlength=int(cluster_of_row.max()) + 1)  # same length for every chunk
+
+
+def cluster_based(
+    hits: np.ndarray, clusters: ClusterAssignment, min_hits: int, per_cluster: int, cap: int, strategy: str, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images of the clusters with more than ``min_hits`` hits, ``per_cluster`` each, at most ``cap``.
+
+    Args:
+        hits: [K] hits per cluster (:func:`cluster_hits`).
+        clusters: k-means assignment of the pool.
+
+    Returns:
+        rows [R] int64 and their similarity to their centroid [R] float32, grouped by cluster in
+        decreasing hit count (ties: lower cluster id first).
+    """
+    num_clusters = len(clusters.centroids)
+    hits = np.pad(hits, (0, max(0, num_clusters - len(hits))))[:num_clusters]
+    chosen = np.nonzero(hits > min_hits)[0]
+    chosen = chosen[np.lexsort((chosen, -hits[chosen]))]
+    sizes = np.bincount(clusters.cluster, minlength=num_clusters)
+    take = np.minimum(sizes[chosen], per_cluster)
+    # The cap cuts in cluster order: full clusters first, then part of the one that crosses it.
+    before = np.cumsum(take) - take
+    take = np.clip(cap - before, 0, take)
+    quota = np.zeros(num_clusters, dtype=np.int64)
+    quota[chosen] = take
+    picked = take_per_cluster(clusters.cluster, clusters.sim, quota, strategy, seed)
+    rank_of_cluster = np.full(num_clusters, num_clusters, dtype=np.int64)
+    rank_of_cluster[chosen] = np.arange(len(chosen))
+    order = np.lexsort((-clusters.sim[picked], rank_of_cluster[clusters.cluster[picked]]))
+    picked = picked[order]
+    return clusters.rows[picked], clusters.sim[picked].astype(np.float32)
+
+
+def retrieve_for_seed_set(
+    name: str,
+    seeds: EmbeddingStore,
+    index: PoolIndex,
+    clusters: ClusterAssignment | None,
+    num_rows: int,
+    cfg: RetrieveConfig,
+) -> tuple[str, np.ndarray, np.ndarray]:
+    """Run the configured method for one seed set (streamed chunk by chunk).
+
+    Returns:
+        (method, pool rows [R], similarities [R]).
+    """
+    method = cfg.method_for(seeds.num_rows)
+    if method == "sample":
+        found = [index.search(emb, cfg.n_per_seed) for _, emb in seeds.iter_chunks()]
+        rows = np.concatenate([r.ravel() for _, r in found])
+        sims = np.concatenate([s.ravel() for s, _ in found])
+        rows, sims = best_unique(rows, sims, cfg.cap)
+        return method, rows, sims
+    if clusters is None:
+        raise ValueError(f"seed set {name!r}: cluster-based retrieval needs the cluster stage")
+    cluster_of_row = clusters.cluster_of_rows(num_rows)
+    hits = sum(cluster_hits(index, emb, cfg.hits_per_seed, cluster_of_row) for _, emb in seeds.iter_chunks())
+    rows, sims = cluster_based(
+        hits, clusters, cfg.min_hits, cfg.per_cluster, cfg.cap, cfg.cluster_sampling, cfg.seed
+    )
+    return method, rows, sims
+
+
+def make_records(
+    rows: np.ndarray, sims: np.ndarray, paths: list[str] | None, seed_set: str, method: str
+) -> list[dict[str, Any]]:
+    """Manifest records for retrieved rows (``path`` is None when the pool has no paths)."""
+    return [
+        {
+            "path": None if paths is None else paths[i],
+            "row": int(row),
+            "seed_set": seed_set,
+            "method": method,
+            "similarity": round(float(sim), 6),
+        }
+        for i, (row, sim) in enumerate(zip(rows, sims, strict=True))
+    ]
+
+
+def union_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per pool row: the most similar (ties: the earliest); sorted by row."""
+    best: dict[int, dict[str, Any]] = {}
+    for rec in records:
+        kept = best.get(rec["row"])
+        if kept is None or rec["similarity"] > kept["similarity"]:
+            best[rec["row"]] = rec
+    return [best[row] for row in sorted(best)]
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """Records as JSON lines, written atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

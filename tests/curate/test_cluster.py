@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import numpy as np
+
+from dinolab.curate.cluster import KMeansConfig, pool_kmeans, rank_in_group, take_per_cluster
+from dinolab.curate.hierarchical import HierarchicalConfig, balanced_sample, hierarchical_kmeans, split_target
+from dinolab.curate.stages import Stage
+from dinolab.curate.store import ArrayEmbeddings
+
+
+def _blobs(sizes, dim=32, spread=0.05, seed=0):
+    """Tight clusters around orthogonal directions; returns unit vectors and true labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.full(s, c) for c, s in enumerate(sizes)])
+    x = np.eye(len(sizes), dim)[labels] + spread * rng.standard_normal((len(labels), dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def _same_partition(a, b):
+    return len(np.unique(np.stack([a, b]), axis=1).T) == len(np.unique(a)) == len(np.unique(b))
+
+
+def test_pool_kmeans_recovers_separated_clusters(tmp_path):
+    x, labels = _blobs([60, 80, 100, 40])
+    rows = np.arange(0, len(x), 1)
+    result = pool_kmeans(ArrayEmbeddings(x, chunk_rows=64), rows, KMeansConfig(n_clusters=4, seed=1),
+                         Stage(tmp_path / "c", "cluster", {}))
+    assert _same_partition(result.cluster, labels)
+    np.testing.assert_allclose(result.sim, np.sum(x * result.centroids[result.cluster], axis=1), atol=1e-5)
+
+
+def test_rank_in_group_by_hand():
+    groups = np.array([1, 0, 1, 1, 0])
+    key = np.array([0.3, 0.9, 0.1, 0.2, 0.5])
+    np.testing.assert_array_equal(rank_in_group(groups, key), [2, 1, 0, 1, 0])
+    picked = take_per_cluster(groups, key, np.array([1, 2]), "closest")  # highest similarity first
+    np.testing.assert_array_equal(picked, [0, 1, 3])
+
+
+def test_split_target_water_filling():
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(split_target(np.array([1, 5, 10]), 9, rng), [1, 4, 4])
+    quota = split_target(np.array([1, 5, 10]), 10, rng)
+    assert quota.sum() == 10 and quota[0] == 1 and sorted(quota[1:]) == [4, 5]
+    np.testing.assert_array_equal(split_target(np.array([3, 2]), 50, rng), [3, 2])
+
+
+def test_hierarchical_balanced_sample_evens_out_cluster_sizes():
+    # 4 blobs of very different size; a balanced sample of 40 takes 10 from each.
+    x, labels = _blobs([400, 100, 30, 20], seed=2)
+    cfg = HierarchicalConfig(n_clusters=[8, 4], resampling_steps=[1, 3], sample_sizes=[1, 2], n_iter=20,
+                             target_size=40, seed=0)
+    rows = np.arange(len(x))
+    levels = hierarchical_kmeans(ArrayEmbeddings(x, chunk_rows=128), rows, cfg)
+    assert [len(lv.centroids) for lv in levels] == [8, 4]
+    top_of_row = levels[1].assignment[levels[0].assignment]
+    assert _same_partition(top_of_row, labels)  # the top level finds the 4 blobs
+    sample = balanced_sample(levels, rows, cfg)
+    np.testing.assert_array_equal(np.bincount(labels[sample], minlength=4), [10, 10, 10, 10])
+    assert len(np.unique(sample)) == 40

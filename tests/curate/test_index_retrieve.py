@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dinolab.curate.cluster import ClusterAssignment
+from dinolab.curate.index import IndexConfig, build_index, index_array
+from dinolab.curate.retrieve import RetrieveConfig, cluster_based, sample_based, union_records
+from dinolab.curate.store import ArrayEmbeddings
+
+
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_flat_search_equals_brute_force():
+    rng = np.random.default_rng(0)
+    pool, queries = _unit(rng, 500, 32), _unit(rng, 40, 32)
+    sims, rows = index_array(pool, IndexConfig(kind="flat")).search(queries, 5)
+    brute = queries @ pool.T
+    ref_rows = np.argsort(-brute, axis=1)[:, :5]
+    np.testing.assert_array_equal(rows, ref_rows)
+    np.testing.assert_allclose(sims, np.take_along_axis(brute, ref_rows, axis=1), atol=1e-5)
+
+
+def test_index_over_a_subset_answers_in_pool_rows():
+    rng = np.random.default_rng(1)
+    pool = _unit(rng, 300, 16)
+    subset = np.arange(0, 300, 3)
+    index = build_index(ArrayEmbeddings(pool, chunk_rows=64), IndexConfig(kind="flat"), rows=subset)
+    _, rows = index.search(pool[subset[:10]], 1)
+    np.testing.assert_array_equal(rows[:, 0], subset[:10])
+    _, rows = index.search(pool[:1], 400)  # more neighbours than indexed vectors
+    assert (rows[0, len(subset):] == -1).all() and set(rows[0, : len(subset)]) == set(subset)
+
+
+def test_ivf_probing_every_cell_is_exact():
+    rng = np.random.default_rng(2)
+    pool, queries = _unit(rng, 2000, 32), _unit(rng, 20, 32)
+    cfg = IndexConfig(kind="ivf", nlist=16, nprobe=16)
+    _, rows = index_array(pool, cfg).search(queries, 4)
+    np.testing.assert_array_equal(rows, np.argsort(-(queries @ pool.T), axis=1)[:, :4])
+
+
+def test_ivfpq_finds_near_copies():
+    rng = np.random.default_rng(3)
+    pool = _unit(rng, 3000, 64)
+    noisy = pool[:50] + 0.2 * rng.standard_normal((50, 64)).astype(np.float32) / 8
+    noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+    cfg = IndexConfig(kind="ivfpq", nlist=16, nprobe=16, pq_m=16, pq_nbits=6)
+    _, rows = index_array(pool, cfg).search(noisy, 1)
+    assert (rows[:, 0] == np.arange(50)).mean() > 0.9
+
+
+def test_sample_based_unique_most_similar_and_capped():
+    rng = np.random.default_rng(4)
+    pool, seeds = _unit(rng, 400, 16), _unit(rng, 30, 16)
+    index = index_array(pool, IndexConfig(kind="flat"))
+    rows, sims = sample_based(index, seeds, n_per_seed=4, cap=10_000)
+    brute = seeds @ pool.T
+    top4 = np.argsort(-brute, axis=1)[:, :4]
+    assert set(rows) == set(top4.ravel()) and len(rows) == len(set(rows))
+    # Similarity to the most similar seed among those that retrieved the image.
+    retrieved_by = np.zeros_like(brute, dtype=bool)
+    np.put_along_axis(retrieved_by, top4, True, axis=1)
+    expected = np.where(retrieved_by, brute, -np.inf).max(axis=0)[rows]
+    np.testing.assert_allclose(sims, expected, atol=1e-5)
+    capped, capped_sims = sample_based(index, seeds, n_per_seed=4, cap=7)
+    np.testing.assert_array_equal(capped, rows[:7])  # the 7 most similar
+    assert (np.diff(capped_sims) <= 0).all()
+
+
+def _assignment(sizes):
+    cluster = np.concatenate([np.full(s, c) for c, s in enumerate(sizes)])
+    rng = np.random.default_rng(5)
+    return ClusterAssignment(
+        centroids=np.eye(len(sizes), 4, dtype=np.float32),
+        rows=np.arange(len(cluster)) * 2,  # pool rows differ from positions
+        cluster=cluster,
+        sim=rng.random(len(cluster)).astype(np.float32),
+    )
+
+
+def test_cluster_based_respects_min_hits_per_cluster_and_cap():
+    clusters = _assignment([50, 8, 30, 40, 5])
+    hits = np.array([4, 10, 3, 7, 0])  # > 3 hits: clusters 0, 1, 3 (cluster 2 has exactly 3)
+    rows, sims = cluster_based(hits, clusters, min_hits=3, per_cluster=20, cap=1000, strategy="closest", seed=0)
+    taken = clusters.cluster[rows // 2]
+    # Order by hits: cluster 1 (10 hits, only 8 images), cluster 3 (7 hits, 20 of 40), cluster 0 (20 of 50).
+    np.testing.assert_array_equal(np.bincount(taken, minlength=5), [20, 8, 0, 20, 0])
+    np.testing.assert_array_equal(taken, [1] * 8 + [3] * 20 + [0] * 20)
+    # "closest": the 20 most similar members of cluster 3.
+    members3 = np.nonzero(clusters.cluster == 3)[0]
+    best3 = members3[np.argsort(-clusters.sim[members3])[:20]]
+    assert set(rows[taken == 3] // 2) == set(best3)
+    capped, _ = cluster_based(hits, clusters, min_hits=3, per_cluster=20, cap=30, strategy="random", seed=0)
+    # The cap of 30 takes clusters 1 (8) and 3 (20) whole, then 2 images of cluster 0.
+    np.testing.assert_array_equal(np.bincount(clusters.cluster[capped // 2], minlength=5), [2, 8, 0, 20, 0])
+
+
+def test_auto_method_by_seed_set_size():
+    cfg = RetrieveConfig(cluster_below=100)
+    assert cfg.method_for(99) == "cluster" and cfg.method_for(100) == "sample"
+    with pytest.raises(ValueError, match="retrieval method"):
+        RetrieveConfig(method="nearest")
+
+
+def test_union_keeps_most_similar_record_per_image():
+    recs = [
+        {"row": 3, "similarity": 0.5, "seed_set": "a"},
+        {"row": 1, "similarity": 0.9, "seed_set": "a"},
+        {"row": 3, "similarity": 0.7, "seed_set": "b"},
+    ]
+    assert [(r["row"], r["seed_set"]) for r in union_records(recs)] == [(1, "a"), (3, "b")]
