@@ -45,6 +45,7 @@ class StudentConfig:
     ffn_layer: str = "mlp"  # "mlp" or "swiglufused"
     num_register_tokens: int = 0
     pretrained_weights: str | None = None  # initialise the student (and teacher) backbone from a file
+    freeze_backbone: bool = False  # train the heads only (e.g. heads for an official backbone, to distil from)
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.drop_path_rate < 1.0, f"student.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
@@ -119,6 +120,10 @@ class OptimConfig:
     clip_grad: float = 3.0
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
+    # High-resolution adaptation (paper App. B.2): run this many iterations in all, with every schedule
+    # (warmup, cosine lr/wd, teacher momentum and temperature, last-layer freeze) compressed into them.
+    compress_to_iters: int | None = None
+    base_lr_scale: float = 1.0  # multiplies base_lr (high-res adaptation: a reduced lr)
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0 and self.epoch_length > 0, f"optim.epochs and optim.epoch_length must be positive, got {self.epochs}, {self.epoch_length}")
@@ -127,10 +132,20 @@ class OptimConfig:
         _check(self.scaling_rule in ("sqrt_wrt_1024", "none"), f"optim.scaling_rule must be 'sqrt_wrt_1024' or 'none', got {self.scaling_rule!r}")
         _check(0 < self.layerwise_decay <= 1, f"optim.layerwise_decay must be in (0, 1], got {self.layerwise_decay}")
         _check(self.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 disables), got {self.clip_grad}")
+        _check(self.compress_to_iters is None or self.compress_to_iters > 0,
+               f"optim.compress_to_iters must be a positive number of iterations or null, got {self.compress_to_iters}")
+        _check(self.base_lr_scale > 0, f"optim.base_lr_scale must be positive, got {self.base_lr_scale}")
 
     @property
     def total_iters(self) -> int:
-        return round(self.epochs * self.epoch_length)
+        """Iterations of the run: ``compress_to_iters`` when set, else ``epochs * epoch_length``."""
+        return self.compress_to_iters or round(self.epochs * self.epoch_length)
+
+    def to_iters(self, epochs: float) -> int:
+        """A length in epochs -> iterations, compressed by ``compress_to_iters / (epochs * epoch_length)``."""
+        if self.compress_to_iters is None:
+            return round(epochs * self.epoch_length)
+        return round(epochs * self.epoch_length * self.compress_to_iters / (self.epochs * self.epoch_length))
 
 
 @dataclass
@@ -141,11 +156,13 @@ class CropsConfig:
     local_crops_size: int = 96
     local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
     blur_semantics: str = "official_code"  # "official_code" (what made the released weights) or "paper"
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # for 224-px crops; scale for small images
 
     def __post_init__(self) -> None:
         _check_range("crops.global_crops_scale", self.global_crops_scale, 0.0, 1.0)
         _check_range("crops.local_crops_scale", self.local_crops_scale, 0.0, 1.0)
         _check(self.local_crops_number >= 0, f"crops.local_crops_number must be >= 0, got {self.local_crops_number}")
+        _check_range("crops.blur_sigma", self.blur_sigma, 1e-6, 100.0)
         _check(self.blur_semantics in ("official_code", "paper"), f"crops.blur_semantics must be 'official_code' or 'paper', got {self.blur_semantics!r}")
 
 
@@ -171,12 +188,29 @@ class TrainConfig:
     max_iters: int | None = None  # stop early (e.g. a smoke run) without changing the schedules
     pack_crops: bool = True  # global + local crops through each block in one packed pass (paper §5)
     device: str = "auto"
+    distributed: str = "fsdp"  # under torchrun with >1 process: "fsdp" (FSDP2, sharded) or "ddp" (replicated)
+    init_from: str | None = None  # start a new run from a dinolab checkpoint (student, teacher, heads)
 
     def __post_init__(self) -> None:
         _check(self.batch_size_per_gpu > 0, f"train.batch_size_per_gpu must be positive, got {self.batch_size_per_gpu}")
         _check(self.precision in ("auto", "bf16", "fp16", "fp32"), f"train.precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         _check(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
         _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _check(self.distributed in ("fsdp", "ddp"),
+               f"train.distributed must be 'fsdp' or 'ddp', got {self.distributed!r}")
+
+
+@dataclass
+class DistillConfig:
+    """Distillation (paper §5): a frozen teacher from a dinolab run, a smaller student without masking
+    or stochastic depth, and an EMA of the student as the final model."""
+
+    teacher_checkpoint: str | None = None  # a dinolab checkpoint (RUN/checkpoints/ckpt_*.pth or dcp_*/)
+    teacher_config: str | None = None  # the teacher run's config.yaml (None: the one next to the checkpoint)
+
+    @property
+    def enabled(self) -> bool:
+        return self.teacher_checkpoint is not None
 
 
 @dataclass
@@ -189,12 +223,18 @@ class Config:
     crops: CropsConfig = field(default_factory=CropsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         for name in ("global_crops_size", "local_crops_size"):
             size = getattr(self.crops, name)
             _check(size % self.student.patch_size == 0,
                    f"crops.{name}={size} must be a multiple of student.patch_size={self.student.patch_size}")
+        if self.distill.enabled:
+            _check(self.student.drop_path_rate == 0,
+                   "distillation trains the student without stochastic depth (paper §5): "
+                   f"set student.drop_path_rate=0, got {self.student.drop_path_rate}")
+            _check(not self.student.freeze_backbone, "student.freeze_backbone cannot be combined with distillation")
 
 
 def preset_names() -> list[str]:
@@ -207,13 +247,34 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     Raises:
         ValueError: unknown preset, unknown key, malformed override or invalid value (one line).
     """
+    return _merge([preset] if preset else [], overrides, base)
+
+
+def load_run_config(run_config: str | Path, preset: str, overrides: list[str] | tuple[str, ...] = (),
+                    base: dict | None = None) -> Config:
+    """Defaults <- a run's saved ``config.yaml`` <- a preset's deltas <- ``base`` <- overrides -> Config.
+
+    How a run is continued under another recipe, e.g. high-resolution adaptation (preset ``highres``).
+
+    Raises:
+        FileNotFoundError: no such config file.
+        ValueError: as :func:`load_config`.
+    """
+    if not Path(run_config).is_file():
+        raise FileNotFoundError(f"run config {run_config} does not exist")
+    return _merge([str(run_config), preset], overrides, base)
+
+
+def _preset_path(preset: str) -> Path:
+    path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(preset_names())} or a .yaml path")
+    return path
+
+
+def _merge(presets: list[str], overrides: list[str] | tuple[str, ...], base: dict | None) -> Config:
     cfg = OmegaConf.structured(Config)
-    layers = []
-    if preset:
-        path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
-        if not path.is_file():
-            raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(preset_names())} or a .yaml path")
-        layers.append(OmegaConf.load(path))
+    layers = [OmegaConf.load(_preset_path(p)) for p in presets]
     if base:
         layers.append(OmegaConf.create(base))
     for item in overrides:

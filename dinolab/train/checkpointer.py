@@ -4,20 +4,26 @@ Layout::
 
     RUN_DIR/
       config.yaml                    the resolved config (written once, checked on resume)
-      checkpoints/ckpt_0001250.pth   model + optimizer + sampler + RNG states, last K kept
+      checkpoints/ckpt_0001250.pth   one process: model + optimizer + sampler + RNG states, last K kept
+      checkpoints/dcp_0001250/       several ranks: the same, as a torch.distributed.checkpoint directory
+                                     (see dinolab.distributed.checkpoint); either kind resumes the run
       metrics.jsonl, tb/, teacher_backbone.{pth,safetensors}, loss_curves.png, summary.json
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from dinolab.distributed.checkpoint import is_dcp_dir, read_dcp_tensors
 from dinolab.io import atomic_torch_save
+from dinolab.models.checkpoints import resample_pos_embed
 
-_NAME = re.compile(r"^ckpt_(\d{7,})\.pth$")
+_NAME = re.compile(r"^(?:ckpt_(\d{7,})\.pth|dcp_(\d{7,}))$")
 
 
 class Checkpointer:
@@ -26,11 +32,11 @@ class Checkpointer:
         self.keep_last = keep_last
 
     def all(self) -> list[Path]:
-        """Existing checkpoints, oldest first."""
+        """Existing checkpoints (files and DCP directories), oldest first."""
         if not self.dir.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _NAME.match(p.name))]
-        return [p for _, p in sorted(found)]
+        found = [(int(m.group(1) or m.group(2)), p) for p in self.dir.iterdir() if (m := _NAME.match(p.name))]
+        return [p for _, p in sorted(found) if p.is_file() or is_dcp_dir(p)]
 
     def latest(self) -> Path | None:
         found = self.all()
@@ -39,11 +45,77 @@ class Checkpointer:
     def save(self, state: dict, iteration: int) -> Path:
         path = self.dir / f"ckpt_{iteration:07d}.pth"
         atomic_torch_save(state, path)
-        for old in self.all()[: -self.keep_last]:
-            old.unlink()
+        self.prune()
         return path
+
+    def dcp_path(self, iteration: int) -> Path:
+        return self.dir / f"dcp_{iteration:07d}"
+
+    def prune(self) -> None:
+        """Keep the last ``keep_last`` checkpoints of either kind."""
+        for old in self.all()[: -self.keep_last]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
 
     @staticmethod
     def load(path: str | Path) -> dict:
         """A checkpoint written by :meth:`save` (tensors, numbers, strings: ``weights_only`` safe)."""
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def run_config_path(checkpoint: str | Path) -> Path:
+    """``RUN_DIR/config.yaml`` of a checkpoint ``RUN_DIR/checkpoints/<ckpt>``."""
+    return Path(checkpoint).resolve().parent.parent / "config.yaml"
+
+
+def read_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The meta-architecture state dict (``student.*``, ``teacher.*`` ...) of a dinolab checkpoint.
+
+    Raises:
+        FileNotFoundError: no such file or directory.
+        ValueError: the file is not a dinolab training checkpoint (e.g. a backbone-only file).
+    """
+    path = Path(path)
+    if is_dcp_dir(path):
+        return read_dcp_tensors(path, "model.")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = Checkpointer.load(path)
+    if not isinstance(state.get("model"), dict) or not any(k.startswith("student.") for k in state["model"]):
+        raise ValueError(
+            f"{path} is not a dinolab training checkpoint (no 'model' with student/teacher weights); a backbone-only "
+            "file has no DINO/iBOT heads: train them first with "
+            "student.pretrained_weights=FILE student.freeze_backbone=true"
+        )
+    return state["model"]
+
+
+def _is_center(key: str) -> bool:
+    return key.endswith("_center.center")
+
+
+def load_meta_weights(meta: nn.Module, sd: dict[str, torch.Tensor], name: str = "checkpoint") -> None:
+    """Initialise ``meta`` (student, EMA side, heads) from a meta-architecture state dict ``sd``.
+
+    Position embeddings stored for another grid (e.g. 224 -> 518 for high-resolution adaptation) are
+    resampled bicubically. A distillation checkpoint loaded into a plain meta-architecture gives its
+    student EMA as the teacher. Centering buffers are taken when both sides have them.
+
+    Raises:
+        ValueError: the weights do not fit (missing/unexpected keys or other shapes, first ones named).
+    """
+    own = meta.state_dict()
+    if any(k.startswith("student_ema.") for k in sd) and not any(k.startswith("student_ema.") for k in own):
+        sd = {"teacher." + k.removeprefix("student_ema.") if k.startswith("student_ema.") else k: v
+              for k, v in sd.items() if not k.startswith("teacher.")}
+    sd = dict(sd)
+    for key, value in sd.items():
+        if key.endswith("backbone.pos_embed") and key in own and value.shape != own[key].shape:
+            sd[key] = resample_pos_embed(value, own[key].shape[1] - 1)
+    missing = [k for k in own if k not in sd and not _is_center(k)]
+    unexpected = [k for k in sd if k not in own and not _is_center(k)]
+    mismatched = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        detail = (f"shape of {mismatched[0]}: {tuple(sd[mismatched[0]].shape)} vs {tuple(own[mismatched[0]].shape)}"
+                  if mismatched else f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}")
+        raise ValueError(f"{name} does not fit this model: {detail}")
+    meta.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)

@@ -6,6 +6,12 @@ from it exactly (model, teacher, optimizer, schedules, sampler position, RNG sta
 after a resume equal those of an uninterrupted run. SIGINT/SIGTERM write a checkpoint and return.
 A NaN/Inf loss raises ``FloatingPointError`` naming the iteration and term; the last good
 checkpoint stays.
+
+Launched by ``torchrun --nproc_per_node=N`` the same function trains data-parallel (FSDP2 or DDP,
+``train.distributed``): every rank draws its own ``train.batch_size_per_gpu`` images (a rank-aware
+sampler), the lr is scaled by the global batch, checkpoints are ``torch.distributed.checkpoint``
+directories that resume on any number of ranks (one included), and only rank 0 logs, plots, evaluates,
+exports and prints. Signals and non-finite losses stop every rank at the same iteration.
 """
 
 from __future__ import annotations
@@ -28,9 +34,19 @@ from dinolab.data.collate import collate_crops
 from dinolab.data.datasets import MultiCropDataset, open_dataset, open_labelled
 from dinolab.data.masking import MaskingGenerator
 from dinolab.data.samplers import InfiniteSampler
+from dinolab.distributed.checkpoint import gather_backbone, is_dcp_dir, load_dcp, load_full_state, save_dcp
+from dinolab.distributed.env import (
+    DistEnv,
+    all_gather_objects,
+    init_distributed,
+    max_over_ranks,
+    mean_over_ranks,
+    shutdown,
+)
+from dinolab.distributed.fsdp import parallelize, unwrap, unwrapped_side
 from dinolab.io import atomic_write_json, atomic_write_text
 from dinolab.models.checkpoints import save_backbone
-from dinolab.train.checkpointer import Checkpointer
+from dinolab.train.checkpointer import Checkpointer, load_meta_weights, read_model_state
 from dinolab.train.meta_arch import SSLMetaArch
 from dinolab.train.monitor import KnnMonitor
 from dinolab.train.param_groups import ParamGroupConfig, build_param_groups
@@ -38,14 +54,19 @@ from dinolab.train.schedules import ScheduleConfig, scale_lr, schedule_values
 from dinolab.train.step import train_step
 
 # Settings that may change between a run and its resume without changing its results.
-_RESUME_FREE = {"train.max_iters", "train.num_workers", "train.log_every", "train.device", "train.knn_every"}
+_RESUME_FREE = {"train.max_iters", "train.num_workers", "train.log_every", "train.device", "train.knn_every",
+                "train.distributed"}
 
 
 # ------------------------------------------------------------------ setup
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: the GPU of this rank if there is one, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank)
+    return device
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -61,8 +82,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def schedule_config(cfg: Config, global_batch: int) -> ScheduleConfig:
     """Every schedule of ``cfg`` in iterations; the lr scaled by the global batch."""
     o, t = cfg.optim, cfg.teacher
-    to_iters = lambda epochs: round(epochs * o.epoch_length)  # noqa: E731
-    base_lr = scale_lr(o.base_lr, global_batch) if o.scaling_rule == "sqrt_wrt_1024" else o.base_lr
+    to_iters = o.to_iters  # epochs -> iterations (compressed for high-resolution adaptation)
+    base_lr = o.base_lr * o.base_lr_scale
+    base_lr = scale_lr(base_lr, global_batch) if o.scaling_rule == "sqrt_wrt_1024" else base_lr
     return ScheduleConfig(
         total_iters=o.total_iters,
         warmup_iters=to_iters(o.warmup_epochs),
@@ -107,6 +129,7 @@ def build_loader(cfg: Config, images: Dataset, rank: int = 0, world_size: int = 
         local_crops_size=c.local_crops_size,
         local_crops_scale=tuple(c.local_crops_scale),
         blur_semantics=c.blur_semantics,
+        blur_sigma=tuple(c.blur_sigma),
     )
     dataset = _Keyed(MultiCropDataset(images, aug, seed=cfg.train.seed))
     sampler = InfiniteSampler(len(images), seed=cfg.train.seed, rank=rank, world_size=world_size, yield_keys=True)
@@ -115,7 +138,7 @@ def build_loader(cfg: Config, images: Dataset, rank: int = 0, world_size: int = 
         _collate,
         seed=cfg.train.seed,
         mask_ratio_min_max=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_probability=cfg.ibot.mask_sample_probability,
+        mask_probability=0.0 if cfg.distill.enabled else cfg.ibot.mask_sample_probability,  # distillation: no masks
         mask_generator=MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid),
         n_tokens=grid * grid,
     )
@@ -132,9 +155,20 @@ def build_loader(cfg: Config, images: Dataset, rank: int = 0, world_size: int = 
     return loader, sampler
 
 
+def build_meta_arch(cfg: Config) -> SSLMetaArch:
+    """The self-supervised meta-architecture, or the distillation one when ``distill.teacher_checkpoint`` is set."""
+    if cfg.distill.enabled:
+        from dinolab.train.distill import DistillMetaArch
+
+        return DistillMetaArch.from_config(cfg)
+    return SSLMetaArch(cfg)
+
+
 def build_optimizer(meta: SSLMetaArch, cfg: Config) -> torch.optim.AdamW:
+    """AdamW over the student's parameter groups (after sharding: FSDP replaces the parameters)."""
     groups = build_param_groups(
-        meta.student, ParamGroupConfig(layer_decay=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult)
+        unwrapped_side(meta.student),
+        ParamGroupConfig(layer_decay=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult),
     )
     return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), foreach=True)
 
@@ -194,11 +228,11 @@ class RunLog:
 
 @contextmanager
 def _stop_on_signals():
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each iteration."""
-    flag = {"stop": None}
+    """Turn SIGINT/SIGTERM into a signal number (0: none) the loop checks after each iteration."""
+    flag = {"signum": 0}
 
     def handler(signum, frame):
-        flag["stop"] = signal.Signals(signum).name
+        flag["signum"] = int(signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -208,7 +242,7 @@ def _stop_on_signals():
             signal.signal(s, h)
 
 
-# ------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------ checkpoints
 def _state(meta, optimizer, sampler, iteration, consumed, extra) -> dict:
     return {
         "iteration": iteration,
@@ -220,18 +254,105 @@ def _state(meta, optimizer, sampler, iteration, consumed, extra) -> dict:
     }
 
 
+def _train_state(meta, sampler, iteration, consumed, extra) -> dict:
+    """What a DCP checkpoint stores besides model and optimizer (a collective: gathers every rank's RNG)."""
+    ema_name = next(name for name, module in meta.named_children() if module is meta.ema)
+    return {
+        "iteration": iteration,
+        "sampler": sampler.state_dict(consumed=consumed),
+        "torch_rng": all_gather_objects(torch.get_rng_state()),
+        "extra": extra,
+        "export_prefix": f"{ema_name}.backbone.",
+        "export_arch": unwrap(meta.export_backbone).arch_kwargs,
+    }
+
+
+def _save(
+    ckpt: Checkpointer, meta, optimizer, sampler, iteration: int, per_rank_batch: int, extra: dict, env: DistEnv
+) -> Path:
+    consumed = iteration * per_rank_batch  # by this rank's sampler
+    if not env.distributed:
+        return ckpt.save(_state(meta, optimizer, sampler, iteration, consumed, extra), iteration)
+    path = save_dcp(ckpt.dcp_path(iteration), meta, optimizer, _train_state(meta, sampler, iteration, consumed, extra))
+    if env.is_main:
+        ckpt.prune()
+    return path
+
+
+def resharded_sampler_state(saved: dict, sampler: InfiniteSampler) -> dict:
+    """A sampler state saved by a run on ``W`` ranks, for ``sampler`` (rank r of ``W'``): the same
+    global position, ``position * W / W'`` items per rank. Exact for ``W' == W``; otherwise the run
+    continues the same epoch permutation from (about) the same global offset."""
+    return {
+        **saved,
+        "rank": sampler.rank,
+        "world_size": sampler.world_size,
+        "position": saved["position"] * saved["world_size"] // sampler.world_size,
+    }
+
+
+def _resume(path: Path, meta, optimizer, sampler: InfiniteSampler, cfg: Config, env: DistEnv) -> tuple[int, dict]:
+    """Load a checkpoint file or DCP directory into this run (any number of ranks); -> (iteration, extra)."""
+    if is_dcp_dir(path):
+        state = load_dcp(path, meta, optimizer)
+        rng_states = state["torch_rng"]
+    else:
+        state = Checkpointer.load(path)
+        if env.distributed:
+            load_full_state(meta, optimizer, state["model"], state["optimizer"])
+        else:
+            meta.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        rng_states = [state["torch_rng"]]
+    sampler.load_state_dict(resharded_sampler_state(state["sampler"], sampler))
+    if len(rng_states) == env.world_size:
+        torch.set_rng_state(rng_states[env.rank])
+    else:  # another number of ranks: a fresh stream per rank (drop-path subsets only)
+        torch.manual_seed(cfg.train.seed + 1 + env.rank + 1_000_003 * state["iteration"])
+    return state["iteration"], state["extra"]
+
+
+# ------------------------------------------------------------------ the loop
+def _knn_wanted(cfg: Config) -> bool:
+    return not (cfg.data.eval_path is None and cfg.data.path is not None)
+
+
 def _knn_monitor(cfg: Config, device: torch.device, precision: str) -> KnnMonitor | None:
-    path = cfg.data.eval_path
-    if path is None and cfg.data.path is not None:
+    if not _knn_wanted(cfg):
         return None
-    data = open_labelled(path, image_size=cfg.data.builtin_image_size)  # None: the embedded digits
+    data = open_labelled(cfg.data.eval_path, image_size=cfg.data.builtin_image_size)  # None: the embedded digits
     size = cfg.train.knn_image_size or cfg.crops.global_crops_size
     return KnnMonitor(data, image_size=size, k=cfg.train.knn_k, bf16=precision == "bf16")
 
 
+def _evaluate(monitor: KnnMonitor | None, meta) -> dict | None:
+    """k-NN of the exported backbone on rank 0 (gathered first when sharded: every rank calls this)."""
+    backbone = gather_backbone(meta.export_backbone)
+    return monitor(backbone) if monitor is not None and backbone is not None else None
+
+
 def train(cfg: Config, run_dir: str | Path, resume: bool = True, progress: bool = True) -> dict:
-    """Train (or resume) the run in ``run_dir``; returns the summary written to ``summary.json``."""
-    run_dir = Path(run_dir)
+    """Train (or resume) the run in ``run_dir``; returns the summary written to ``summary.json``.
+
+    Under ``torchrun`` (several processes) it joins the process group first and leaves it at the end.
+    """
+    env = init_distributed(backend="gloo" if cfg.train.device == "cpu" else None)  # auto: NCCL where CUDA is
+    try:
+        return _train(cfg, Path(run_dir), resume, progress, env)
+    finally:
+        shutdown(env)
+
+
+def _check_sources(cfg: Config) -> None:
+    """Checkpoints the run starts from must exist before anything is written."""
+    sources = {"distill.teacher_checkpoint": cfg.distill.teacher_checkpoint, "train.init_from": cfg.train.init_from}
+    for key, path in sources.items():
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{key}: checkpoint {path} does not exist")
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, env: DistEnv) -> dict:
+    _check_sources(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir, cfg.train.keep_last)
     latest = ckpt.latest() if resume else None
@@ -240,40 +361,45 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = True, progress: bool 
         diff = _config_diff(saved, cfg)
         if diff:
             raise ValueError(f"{run_dir} holds a run with another config ({'; '.join(diff[:3])}): use a new --output")
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    if env.is_main:
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
-    torch.manual_seed(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    device = resolve_device(cfg.train.device, env.local_rank)
     precision = resolve_precision(cfg.train.precision, device)
     images = open_dataset(cfg.data.path)
-    loader, sampler = build_loader(cfg, images)
-    meta = SSLMetaArch(cfg).to(device)
+    loader, sampler = build_loader(cfg, images, env.rank, env.world_size)
+    meta = build_meta_arch(cfg).to(device)
+    if cfg.train.init_from and latest is None:
+        load_meta_weights(meta, read_model_state(cfg.train.init_from), name=f"train.init_from={cfg.train.init_from}")
+    parallelize(meta, cfg.train.distributed, device, precision)
+    if env.distributed:
+        torch.manual_seed(cfg.train.seed + 1 + env.rank)  # each rank draws its own drop-path subsets
     optimizer = build_optimizer(meta, cfg)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    sched_cfg = schedule_config(cfg, cfg.train.batch_size_per_gpu)
-    log = RunLog(run_dir)
-    monitor = _knn_monitor(cfg, device, precision)
+    scaler = _grad_scaler(device, precision, env, cfg.train.distributed)
     B = cfg.train.batch_size_per_gpu
+    global_batch = B * env.world_size
+    sched_cfg = schedule_config(cfg, global_batch)
+    log = RunLog(run_dir) if env.is_main else None
+    monitor = _knn_monitor(cfg, device, precision) if env.is_main else None
 
     start, extra = 0, {"knn_top1_init": None, "train_seconds": 0.0}
     if latest is not None:
-        state = Checkpointer.load(latest)
-        meta.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        start, extra = state["iteration"], state["extra"]
-        log.truncate_after(start)
-        print(f"resuming {run_dir} from iteration {start} ({latest.name})")
-    elif monitor is not None:
-        knn = monitor(meta.teacher.backbone)
-        extra["knn_top1_init"] = knn["knn_top1"]
-        log.write({"iteration": 0, **knn})
+        start, extra = _resume(latest, meta, optimizer, sampler, cfg, env)
+        if log is not None:
+            log.truncate_after(start)
+            print(f"resuming {run_dir} from iteration {start} ({latest.name}) on {env.world_size} process(es)")
+    elif _knn_wanted(cfg):
+        knn = _evaluate(monitor, meta)
+        if knn is not None:
+            extra["knn_top1_init"] = knn["knn_top1"]
+            log.write({"iteration": 0, **knn})
 
     end = min(sched_cfg.total_iters, cfg.train.max_iters or sched_cfg.total_iters)
     meta.train()
     last_saved, it, interrupted = None, start, None
-    bar = tqdm(total=end, initial=start, desc="train", unit="it", disable=not progress, dynamic_ncols=True)
+    show = progress and env.is_main
+    bar = tqdm(total=end, initial=start, desc="train", unit="it", disable=not show, dynamic_ncols=True)
     t0 = time.perf_counter()
     with _stop_on_signals() as stop:
         data = iter(loader)
@@ -285,45 +411,66 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = True, progress: bool 
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
             if done % cfg.train.log_every == 0 or done == end:
-                elapsed = extra["train_seconds"] + time.perf_counter() - t0
-                log.write({"iteration": done, **losses, "lr": sched.lr, "wd": sched.weight_decay,
-                           "momentum": sched.momentum, "teacher_temp": sched.teacher_temp,
-                           "images_per_second": (done - start) * B / max(time.perf_counter() - t0, 1e-9),
-                           "elapsed_seconds": elapsed})
-            if monitor is not None and cfg.train.knn_every and done % cfg.train.knn_every == 0 and done < end:
+                losses = mean_over_ranks(losses)  # this rank's terms -> the global batch's
+                if log is not None:
+                    elapsed = extra["train_seconds"] + time.perf_counter() - t0
+                    log.write({"iteration": done, **losses, "lr": sched.lr, "wd": sched.weight_decay,
+                               "momentum": sched.momentum, "teacher_temp": sched.teacher_temp,
+                               "images_per_second": (done - start) * global_batch / max(time.perf_counter() - t0, 1e-9),
+                               "elapsed_seconds": elapsed})
+            if _knn_wanted(cfg) and cfg.train.knn_every and done % cfg.train.knn_every == 0 and done < end:
                 t_eval = time.perf_counter()
-                log.write({"iteration": done, **monitor(meta.teacher.backbone)})
+                knn = _evaluate(monitor, meta)
+                if knn is not None:
+                    log.write({"iteration": done, **knn})
                 t0 += time.perf_counter() - t_eval  # evaluation time is not training time
+            signum = max_over_ranks(stop["signum"])  # a signal on any rank stops them all here
             periodic = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0
-            if periodic or stop["stop"] or done == end:
+            if periodic or signum or done == end:
                 now = time.perf_counter()
                 extra["train_seconds"] += now - t0
                 t0 = now
-                last_saved = ckpt.save(_state(meta, optimizer, sampler, done, done * B, extra), done)
-            if stop["stop"]:
-                interrupted = stop["stop"]
+                last_saved = _save(ckpt, meta, optimizer, sampler, done, B, extra, env)
+            if signum:
+                interrupted = signal.Signals(signum).name
                 break
     bar.close()
     final_iter = it + 1 if end > start else start
-    summary = _finish(cfg, run_dir, meta, log, monitor, extra, final_iter, B, interrupted, last_saved)
-    log.close()
+    summary = _finish(cfg, run_dir, meta, log, monitor, extra, final_iter, global_batch, interrupted, last_saved, env)
+    if log is not None:
+        log.close()
     return summary
 
 
-def _finish(cfg, run_dir, meta, log, monitor, extra, iteration, B, interrupted, last_saved) -> dict:
-    """Export the teacher backbone, evaluate, plot, and write ``summary.json``."""
-    save_backbone(meta.teacher.backbone, run_dir / "teacher_backbone.pth")
-    save_backbone(meta.teacher.backbone, run_dir / "teacher_backbone.safetensors")
+def _grad_scaler(device: torch.device, precision: str, env: DistEnv, mode: str):
+    """A loss scaler for fp16 (GPU only); the sharded one all-reduces its inf checks over the ranks."""
+    if precision != "fp16":
+        return None
+    if env.distributed and mode == "fsdp":
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type)
+
+
+def _finish(cfg, run_dir, meta, log, monitor, extra, iteration, global_batch, interrupted, last_saved, env) -> dict:
+    """Export the final backbone (teacher, or student EMA in distillation), evaluate, plot, write ``summary.json``."""
+    backbone = gather_backbone(meta.export_backbone)  # a collective when sharded
     summary = {
         "iterations": iteration,
-        "images_per_second": iteration * B / max(extra["train_seconds"], 1e-9),
+        "images_per_second": iteration * global_batch / max(extra["train_seconds"], 1e-9),
         "train_seconds": extra["train_seconds"],
         "checkpoint": str(last_saved) if last_saved else None,
         "interrupted": interrupted,
         "arch": cfg.student.arch,
+        "world_size": env.world_size,
     }
+    if not env.is_main:
+        return summary
+    save_backbone(backbone, run_dir / "teacher_backbone.pth")
+    save_backbone(backbone, run_dir / "teacher_backbone.safetensors")
     if monitor is not None and not interrupted:
-        knn = monitor(meta.teacher.backbone)
+        knn = monitor(backbone)
         log.write({"iteration": iteration, **knn})
         summary.update(knn_top1_init=extra["knn_top1_init"], knn_top1_final=knn["knn_top1"], knn_n_test=knn["knn_n_test"])
     from dinolab.train.plots import plot_run

@@ -3,6 +3,11 @@
 One training step is five calls (see ``step.py``): ``teacher_targets``, ``student_outputs``,
 ``compute_losses``, backward/clip/optimizer step, ``update_teacher``.
 
+Sub-modules are always called (``backbone(x, masks, is_training=True)``), never through another method,
+so the hooks of FSDP2 and DDP wrappers run (``dinolab.distributed.fsdp``). Under ``torch.distributed``
+each rank computes its losses on its own part of the batch (KoLeo per rank, as the official code);
+the centering all-reduces, so the targets are those of the global batch.
+
 Layout of a batch (from ``dinolab.data.collate.collate_crops``): global crops [2B, 3, G, G] and
 local crops [nL*B, 3, L, L], both crop-major (all first crops, then all second crops ...).
 """
@@ -12,9 +17,12 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dinolab.configs.schema import Config, HeadConfig
+from dinolab.distributed.env import is_initialized
+from dinolab.distributed.fsdp import local_tensors
 from dinolab.losses import EmaCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 from dinolab.models.factory import build_backbone
 from dinolab.models.heads import DINOHead
@@ -39,7 +47,7 @@ def build_student_backbone(cfg: Config) -> DinoVisionTransformer:
     return build_backbone(s.arch, weights=s.pretrained_weights, **overrides)
 
 
-def _head(in_dim: int, h: HeadConfig) -> DINOHead:
+def build_head(in_dim: int, h: HeadConfig) -> DINOHead:
     return DINOHead(in_dim, h.n_prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers)
 
 
@@ -50,9 +58,13 @@ class SSLMetaArch(nn.Module):
         super().__init__()
         self.cfg = cfg
         backbone = build_student_backbone(cfg)
-        student = {"backbone": backbone, "dino_head": _head(backbone.embed_dim, cfg.dino.head)}
+        student = {"backbone": backbone, "dino_head": build_head(backbone.embed_dim, cfg.dino.head)}
         if cfg.ibot.separate_head:
-            student["ibot_head"] = _head(backbone.embed_dim, cfg.ibot.head)
+            student["ibot_head"] = build_head(backbone.embed_dim, cfg.ibot.head)
+        if cfg.student.freeze_backbone:  # heads-only training (e.g. heads for an official backbone)
+            backbone.requires_grad_(False)
+        if cfg.ibot.loss_weight <= 0 and "ibot_head" in student:  # never called: nothing for DDP to wait for
+            student["ibot_head"].requires_grad_(False)
         self.student = nn.ModuleDict(student)
         self.teacher = copy.deepcopy(self.student)
         for blk in self.teacher.backbone.blocks:  # the teacher never drops paths
@@ -63,11 +75,45 @@ class SSLMetaArch(nn.Module):
             self.ibot_center = EmaCenter(self._ibot_prototypes, cfg.teacher.center_momentum)
 
     @property
+    def ema(self) -> nn.ModuleDict:
+        """The side that follows the student by EMA (here the teacher); its backbone is the deliverable."""
+        return self.teacher
+
+    @property
+    def export_backbone(self) -> nn.Module:
+        return self.ema.backbone
+
+    @property
     def _ibot_prototypes(self) -> int:
         return self.cfg.ibot.head.n_prototypes if self.cfg.ibot.separate_head else self.cfg.dino.head.n_prototypes
 
-    def _ibot_head(self, side: nn.ModuleDict) -> nn.Module:
-        return side["ibot_head"] if "ibot_head" in side else side["dino_head"]
+    def _head_logits(
+        self, side: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """cls [n, D], patches [M, D] -> DINO logits [n, K] and iBOT logits [M, K'] (None when iBOT is off).
+
+        A shared head gets one call on the concatenation (as the official code), so that every
+        sub-module runs once per step (what DDP expects).
+        """
+        if self.cfg.ibot.loss_weight <= 0:
+            return side["dino_head"](cls), None
+        if "ibot_head" in side:
+            return side["dino_head"](cls), side["ibot_head"](patches)
+        logits = side["dino_head"](torch.cat([cls, patches]))
+        return logits[: cls.shape[0]], logits[cls.shape[0] :]
+
+    # What the student sees and where iBOT applies: overridden by distillation (no masks, all patches).
+    def _student_masks(self, batch: dict) -> torch.Tensor | None:
+        """[2B, N] bool masks of the student's global crops."""
+        return batch["masks"]
+
+    def _ibot_tokens(self, patch_tokens: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Patch tokens [2B, N, D] -> the tokens iBOT compares [M, D] (the masked ones)."""
+        return patch_tokens.flatten(0, 1)[batch["mask_indices"]]
+
+    def _ibot_weights(self, batch: dict) -> torch.Tensor:
+        """[M] weight of each iBOT token: 1 / (#compared tokens of its image)."""
+        return batch["masks_weight"]
 
     def _center(self, logits: torch.Tensor, temp: float, which: str) -> torch.Tensor:
         """Teacher logits [N, K] -> target probabilities [N, K] (fp32)."""
@@ -81,13 +127,12 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def teacher_targets(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
         """Teacher on the unmasked global crops -> ``dino`` [2, B, K] and ``ibot`` [M, K] targets."""
-        out = self.teacher.backbone.forward_features(batch["global_crops"])
+        out = self.teacher.backbone(batch["global_crops"], is_training=True)
         cls = out["x_norm_clstoken"]  # [2B, D]
-        patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]  # [M, D]
-        dino_logits = self.teacher.dino_head(cls)
+        patches = self._ibot_tokens(out["x_norm_patchtokens"], batch)  # [M, D]
+        dino_logits, ibot_logits = self._head_logits(self.teacher, cls, patches)
         targets = {"dino": self._center(dino_logits, teacher_temp, "dino").view(2, -1, dino_logits.shape[-1])}
-        if self.cfg.ibot.loss_weight > 0:  # also with 0 masked patches: ranks must join the collectives
-            ibot_logits = self._ibot_head(self.teacher)(patches)
+        if ibot_logits is not None:  # also with 0 masked patches: ranks must join the collectives
             targets["ibot"] = self._center(ibot_logits, teacher_temp, "ibot")  # SK sums the count over ranks
         return targets
 
@@ -98,22 +143,23 @@ class SSLMetaArch(nn.Module):
         (the backbone's class tokens, for KoLeo).
         """
         g, l = batch["global_crops"], batch["local_crops"]
+        masks = self._student_masks(batch)
         backbone = self.student.backbone
         if l.shape[0] and self.cfg.train.pack_crops:
-            g_out, l_out = backbone.forward_features([g, l], [batch["masks"], None])
+            g_out, l_out = backbone([g, l], [masks, None], is_training=True)
             cls = torch.cat([g_out["x_norm_clstoken"], l_out["x_norm_clstoken"]])
         elif l.shape[0]:  # separate forwards: the baseline the packed pass is measured against
-            g_out, l_out = backbone.forward_features(g, batch["masks"]), backbone.forward_features(l)
+            g_out, l_out = backbone(g, masks, is_training=True), backbone(l, is_training=True)
             cls = torch.cat([g_out["x_norm_clstoken"], l_out["x_norm_clstoken"]])
         else:
-            g_out = backbone.forward_features(g, batch["masks"])
+            g_out = backbone(g, masks, is_training=True)
             cls = g_out["x_norm_clstoken"]
         B = g.shape[0] // 2
-        dino_logits = self.student.dino_head(cls)
+        patches = self._ibot_tokens(g_out["x_norm_patchtokens"], batch)
+        dino_logits, ibot_logits = self._head_logits(self.student, cls, patches)
         outputs = {"dino_logits": dino_logits.view(-1, B, dino_logits.shape[-1]), "global_cls": g_out["x_norm_clstoken"]}
-        patches = g_out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]
-        if self.cfg.ibot.loss_weight > 0:
-            outputs["ibot_logits"] = self._ibot_head(self.student)(patches)
+        if ibot_logits is not None:
+            outputs["ibot_logits"] = ibot_logits
         return outputs
 
     def compute_losses(self, student: dict, targets: dict, batch: dict) -> dict[str, torch.Tensor]:
@@ -126,18 +172,36 @@ class SSLMetaArch(nn.Module):
         if "ibot_logits" in student:
             n_images = batch["global_crops"].shape[0]
             losses["ibot"] = c.ibot.loss_weight * ibot_loss(
-                student["ibot_logits"], targets["ibot"], batch["masks_weight"], n_images, student_temp=temp
+                student["ibot_logits"], targets["ibot"], self._ibot_weights(batch), n_images, student_temp=temp
             )
         if c.dino.koleo_loss_weight > 0:
             chunks = student["global_cls"].chunk(2)  # per global crop, as the official code
             losses["koleo"] = c.dino.koleo_loss_weight * sum(koleo_loss(x) for x in chunks)
         losses["total"] = sum(losses.values())
-        return losses
+        return _nonfinite_everywhere(losses)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """teacher <- momentum * teacher + (1 - momentum) * student, over every shared parameter."""
-        t = [p for p in self.teacher.parameters()]
-        s = [p.detach() for p in self.student.parameters()]
+        """ema <- momentum * ema + (1 - momentum) * student, over every parameter.
+
+        Under FSDP both sides are sharded alike, so this runs on the local shards, without communication.
+        Parameters the student does not train (a frozen backbone) are equal on both sides and skipped.
+        """
+        pairs = [(t, s) for t, s in zip(self.ema.parameters(), self.student.parameters()) if s.requires_grad]
+        t = local_tensors(t for t, _ in pairs)
+        s = local_tensors(s.detach() for _, s in pairs)
         torch._foreach_mul_(t, momentum)
         torch._foreach_add_(t, s, alpha=1.0 - momentum)
+
+
+def _nonfinite_everywhere(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Make a NaN/Inf term of any rank appear on every rank (values and gradients otherwise unchanged).
+
+    Each rank then stops at the same iteration with the same message; a rank stopping alone would leave
+    the others blocked in the next collective.
+    """
+    if not is_initialized():
+        return losses
+    sums = torch.stack([v.detach().float() for v in losses.values()])
+    dist.all_reduce(sums)
+    return {k: v + 0.0 * s.to(v.dtype) for (k, v), s in zip(losses.items(), sums)}

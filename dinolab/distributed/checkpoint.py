@@ -1,0 +1,159 @@
+"""Distributed checkpoints with ``torch.distributed.checkpoint`` (DCP), and their consolidation.
+
+A run on several ranks saves one DCP directory per checkpoint; each rank writes its own shards and
+any number of ranks (one included, without a process group) can load it, because DCP reshards on load::
+
+    RUN_DIR/checkpoints/
+      dcp_0001250/
+        .metadata                      tensor names, shapes, and which file holds which slice
+        __0_0.distcp  __1_0.distcp     model + optimizer shards, one file per writing rank
+        train_state.pth                iteration, sampler, RNG of every rank, extra (written by rank 0)
+      dcp_0002500/ ...                 the last ``train.keep_last`` are kept
+
+Keys are the meta-architecture's own (``model.student.backbone.blocks.0.attn.qkv.weight``,
+``optimizer.state.student.…``), whatever the wrapping (FSDP2, DDP, none), through
+``torch.distributed.checkpoint.state_dict.get_state_dict``. :func:`consolidate_backbone` turns one
+directory into a single official-format backbone file (``.pth`` or ``.safetensors``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from dinolab.distributed import env
+from dinolab.distributed.fsdp import TRAINED_SIDE, is_sharded
+from dinolab.io import atomic_torch_save
+from dinolab.models.checkpoints import save_backbone
+from dinolab.models.vit import DinoVisionTransformer
+
+TRAIN_STATE = "train_state.pth"
+
+
+
+def _dcp_load(state: dict, **kwargs) -> None:
+    """``dcp.load``, without its warning for a load in one process, which is intended here (resume on one
+    rank, consolidation, a distillation teacher)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*assuming the intent is to load in a single process")
+        dcp.load(state, **kwargs)
+
+
+def is_dcp_dir(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+
+
+def save_dcp(path: str | Path, meta: nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> Path:
+    """Every rank writes its shards of model + optimizer to ``path`` (a collective); rank 0 adds
+    ``train_state`` and publishes the directory by renaming it from ``path.tmp`` once complete."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if env.is_main() and tmp.exists():
+        shutil.rmtree(tmp)  # left over by an interrupted save
+    env.barrier()
+    model_sd, optim_sd = get_state_dict(meta, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+    if env.is_main():  # DCP's coordinator (rank 0) returns after every rank has written its files
+        atomic_torch_save(train_state, tmp / TRAIN_STATE)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    env.barrier()
+    return path
+
+
+def load_dcp(path: str | Path, meta: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load model + optimizer from a DCP directory into this (any-sized) group; returns the train state."""
+    path = Path(path)
+    model_sd, optim_sd = get_state_dict(meta, optimizer)  # also creates the optimizer state to fill
+    state = {"model": model_sd, "optimizer": optim_sd}
+    _dcp_load(state, checkpoint_id=str(path), no_dist=not env.is_initialized())
+    set_state_dict(meta, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
+
+
+def load_full_state(meta: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optimizer_sd: dict) -> None:
+    """Load a single-process checkpoint (``meta.state_dict()`` and ``optimizer.state_dict()``) into a
+    sharded or replicated meta-architecture: every rank reads the full tensors and keeps its part."""
+    set_state_dict(
+        meta,
+        optimizer,
+        model_state_dict=model_sd,
+        optim_state_dict=named_optimizer_state(optimizer_sd, TRAINED_SIDE + "."),
+        options=StateDictOptions(full_state_dict=True),
+    )
+
+
+def named_optimizer_state(optimizer_sd: dict, prefix: str) -> dict:
+    """``optimizer.state_dict()`` (state keyed by position) -> state keyed by parameter name.
+
+    Positions follow the groups' order, whose ``param_names`` (``dinolab.train.param_groups``) name them.
+    """
+    names = [prefix + n for group in optimizer_sd["param_groups"] for n in group["param_names"]]
+    positions = [i for group in optimizer_sd["param_groups"] for i in group["params"]]
+    by_position = dict(zip(positions, names))
+    return {
+        "state": {by_position[i]: s for i, s in optimizer_sd["state"].items()},
+        "param_groups": [
+            {**g, "params": [prefix + n for n in g["param_names"]]} for g in optimizer_sd["param_groups"]
+        ],
+    }
+
+
+def read_dcp_tensors(path: str | Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP directory whose key starts with ``prefix`` (the prefix removed), read whole
+    by this process alone (no process group needed)."""
+    reader = FileSystemReader(str(path))
+    metadata = reader.read_metadata().state_dict_metadata
+    wanted = {
+        key: torch.empty(m.size, dtype=m.properties.dtype)
+        for key, m in metadata.items()
+        if key.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+    }
+    if not wanted:
+        raise ValueError(f"{path} holds no tensors under {prefix!r}")
+    _dcp_load(wanted, storage_reader=reader, no_dist=True)
+    return {key[len(prefix) :]: t for key, t in wanted.items()}
+
+
+def gather_backbone(backbone: nn.Module) -> nn.Module | None:
+    """A plain, whole copy of ``backbone`` on rank 0 (``None`` on the others); a collective when sharded.
+
+    An unsharded backbone (one process, or a DDP replica) is returned as is on rank 0.
+    """
+    if not is_sharded(backbone):
+        return backbone if env.is_main() else None
+    device = next(backbone.parameters()).device
+    full = get_model_state_dict(backbone, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not env.is_main():
+        return None
+    plain = DinoVisionTransformer(**backbone.arch_kwargs)
+    plain.load_state_dict(full)
+    return plain.to(device)
+
+
+def consolidate_backbone(dcp_dir: str | Path, out_path: str | Path) -> Path:
+    """The exported backbone (teacher, or the student EMA of a distillation) of a DCP checkpoint ->
+    one official-format file (``.pth``, or ``.safetensors`` carrying its constructor arguments)."""
+    dcp_dir, out_path = Path(dcp_dir), Path(out_path)
+    if not is_dcp_dir(dcp_dir):
+        raise FileNotFoundError(f"{dcp_dir} is not a DCP checkpoint directory (no .metadata)")
+    state = torch.load(dcp_dir / TRAIN_STATE, map_location="cpu", weights_only=True)
+    weights = read_dcp_tensors(dcp_dir, "model." + state["export_prefix"])
+    model = DinoVisionTransformer(**state["export_arch"])
+    model.load_state_dict(weights)
+    save_backbone(model, out_path)
+    return out_path

@@ -1,0 +1,174 @@
+"""``dinolab eval PROTOCOL``: frozen-feature evaluation of a backbone, one library call per protocol.
+
+    dinolab eval knn --arch vits14 --weights dinov2_vits14_pretrain.pth --data ../shared/data/cifar10/cifar10.npz
+    dinolab eval linear --run runs/my_run --data imagenette.npz --out results.json --set iterations=2000
+    dinolab eval segmentation --arch vits14 --data camvid.npz --set n_last_blocks=4 test_scales=[0.75,1.0,1.25]
+    dinolab eval retrieval --arch vits14 --data imagenette.npz      # builds the constructed set
+    dinolab eval depth --arch vits14 --data depth_samples.npz --set head=lin4
+
+``--set key=value ...`` overrides fields of the protocol's config dataclass (``features.*`` for
+extraction); see each protocol module (``dinolab.eval.knn`` ...) for the fields and the metric
+names. Without ``--out`` the metrics are printed as JSON; with it, ``results.json`` and a Markdown
+report with pictures are written (:mod:`dinolab.eval.report`).
+
+From a notebook: ``evaluate("knn", model, "cifar10.npz", KnnConfig())`` does what the command does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from dinolab.eval import data as eval_data
+from dinolab.eval import depth, knn, linear, logreg, retrieval, segmentation
+from dinolab.eval.features import model_fingerprint, resolve_device
+from dinolab.eval.report import write_results
+
+
+@dataclass(frozen=True)
+class Protocol:
+    config: type
+    load: Callable[[str, Any], Any]  # (data path, config) -> data object
+    run: Callable[..., dict[str, float]]
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "knn": Protocol(knn.KnnConfig, lambda p, c: eval_data.load_classification(p), knn.run),
+    "linear": Protocol(linear.LinearConfig, lambda p, c: eval_data.load_classification(p), linear.run),
+    "logreg": Protocol(logreg.LogRegConfig, lambda p, c: eval_data.load_classification(p), logreg.run),
+    "retrieval": Protocol(retrieval.RetrievalConfig, retrieval.load_data, retrieval.run),
+    "segmentation": Protocol(
+        segmentation.SegmentationConfig,
+        lambda p, c: eval_data.load_segmentation(p, ignore_index=c.ignore_index),
+        segmentation.run,
+    ),
+    "depth": Protocol(depth.DepthConfig, lambda p, c: eval_data.load_depth(p), depth.run),
+}
+
+
+def load_backbone_from_run(run_dir: str | Path) -> tuple[nn.Module, dict]:
+    """The teacher backbone a training run exported, built as the run's config describes it.
+
+    Reads ``run_dir/teacher_backbone.safetensors`` (else ``.pth``) and the architecture from
+    ``run_dir/config.yaml``: ``student.*`` (dinolab's training schema: arch, patch_size, sizes,
+    registers, LayerScale) or a plain ``model.arch``. The position-embedding grid (``img_size``)
+    is read off the weights, so they load without resampling.
+    """
+    from dinolab.models import build_backbone
+    from dinolab.models.checkpoints import infer_arch_kwargs, read_state_dict
+
+    run_dir = Path(run_dir)
+    weights = next((run_dir / f"teacher_backbone{s}" for s in (".safetensors", ".pth")
+                    if (run_dir / f"teacher_backbone{s}").exists()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{run_dir}: no teacher_backbone.safetensors (or .pth); has the run finished?")
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} does not exist (needed for the architecture of --run)")
+    cfg = OmegaConf.load(cfg_path)
+    student = OmegaConf.select(cfg, "student")
+    arch = OmegaConf.select(cfg, "model.arch") or (student.get("arch") if student else None)
+    if arch is None:
+        raise ValueError(f"{cfg_path}: no student.arch or model.arch key")
+    state = read_state_dict(weights)
+    overrides = {"img_size": infer_arch_kwargs(state)["img_size"]}
+    if student is not None:
+        keys = ("patch_size", "embed_dim", "depth", "num_heads", "ffn_layer", "num_register_tokens")
+        overrides.update({k: student[k] for k in keys if student.get(k) is not None})
+        if student.get("layerscale") is not None:
+            overrides["init_values"] = student["layerscale"]
+        registers = bool(student.get("num_register_tokens"))
+        overrides.update(interpolate_offset=0.0 if registers else 0.1, interpolate_antialias=registers)
+    model = build_backbone(str(arch), weights=state, **overrides)
+    return model, {"arch": str(arch), "weights": str(weights), "run": str(run_dir)}
+
+
+def load_model(arch: str | None, weights: str | None, run: str | None) -> tuple[nn.Module, dict]:
+    """A backbone from ``--run DIR`` or ``--arch`` (+ ``--weights``; none: random initialisation)."""
+    if run:
+        return load_backbone_from_run(run)
+    if not arch:
+        raise ValueError("give --arch (with --weights, or none for a random initialisation) or --run DIR")
+    from dinolab.models import build_backbone
+
+    return build_backbone(arch, weights=weights), {"arch": arch, "weights": weights or "random init"}
+
+
+def build_config(protocol: str, overrides: list[str]) -> Any:
+    """The protocol's config dataclass with ``key=value`` overrides applied (types checked)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"config overrides must be key=value, got {bad[0]!r}")
+    base = OmegaConf.structured(PROTOCOLS[protocol].config)
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+    except Exception as err:  # OmegaConf's messages span lines; keep the first
+        raise ValueError(f"{protocol} config: {str(err).splitlines()[0]}") from None
+    return OmegaConf.to_object(merged)
+
+
+def evaluate(protocol: str, model: nn.Module, data_path: str | Path, cfg: Any, artifacts: dict | None = None):
+    """Load ``data_path`` in the protocol's format and run the protocol: metrics dict."""
+    p = PROTOCOLS[protocol]
+    return p.run(model, p.load(str(data_path), cfg), cfg, artifacts)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.image_size is not None:
+        overrides.append(f"image_size={args.image_size}")
+    overrides += [f"features.batch_size={args.batch_size}", f"features.bf16={not args.no_bf16}"]
+    overrides += [f"features.use_cache={not args.no_cache}"]
+    if args.cache_dir:
+        overrides.append(f"features.cache_dir={args.cache_dir}")
+    cfg = build_config(args.protocol, overrides)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, info = load_model(args.arch, args.weights, args.run)
+    model = model.to(resolve_device(args.device)).eval()
+    info["fingerprint"] = model_fingerprint(model)
+    artifacts: dict = {}
+    start = time.perf_counter()
+    metrics = evaluate(args.protocol, model, args.data, cfg, artifacts)
+    seconds = time.perf_counter() - start
+    if args.out:
+        paths = write_results(args.out, args.protocol, metrics, cfg, info, str(args.data), artifacts, seconds)
+        print(f"wrote {', '.join(str(p) for p in paths)}")
+    for note in artifacts.get("notes", []):
+        print(f"note: {note}")
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, indent=1))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="frozen-feature evaluation: knn, linear, logreg, retrieval, segmentation, depth",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("protocol", choices=list(PROTOCOLS), help="evaluation protocol")
+    p.add_argument("--arch", help="backbone name (vits14, vitb14_reg, vit_small ...)")
+    p.add_argument("--weights", help="local weights file (.pth / .safetensors); omitted: random init")
+    p.add_argument("--run", help="training run directory (teacher_backbone.safetensors + config.yaml)")
+    p.add_argument("--data", required=True, help="dataset file or folder (format: dinolab.eval.data)")
+    p.add_argument("--out", help="results JSON path (a Markdown report and PNGs are written beside it)")
+    p.add_argument("--image-size", help="input size: an int (square) or [H,W] for dense protocols")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--no-bf16", action="store_true", help="extract in float32 instead of bfloat16 autocast")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda ...")
+    p.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/dinolab/eval-features)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 can be much faster on a busy shared CPU)")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="protocol config overrides, e.g. --set iterations=2000 ks=[10,20]")
+    p.set_defaults(func=run_eval)

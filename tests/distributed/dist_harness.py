@@ -1,0 +1,28 @@
+"""Run a function on N CPU ranks (gloo), as ``torchrun`` would: one process per rank, torchrun's variables set."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    fn(rank, *args)
+
+
+def run_ranks(fn, world_size: int, *args) -> None:
+    """``fn(rank, *args)`` in ``world_size`` fresh processes; raises if any of them fails."""
+    mp.start_processes(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True,
+                       start_method="spawn")
