@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "dinolab.extract",
     "dinolab.models.convert",
     "dinolab.train.cli",
+    "dinolab.eval.cli",
     "dinolab.viz.cli",
     "dinolab.curate.cli",
 )

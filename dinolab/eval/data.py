@@ -292,7 +292,8 @@ def _segmentation_from_dir(root: Path) -> SegmentationData:
         for p in list_images(img_dir):
             if p.stem not in masks_by_stem:
                 raise ValueError(f"{p}: no mask with the same file stem in {mask_dir}")
-            mask = np.asarray(Image.open(masks_by_stem[p.stem]))
+            with Image.open(masks_by_stem[p.stem]) as im:
+                mask = np.asarray(im)
             if mask.ndim != 2:
                 raise ValueError(f"{masks_by_stem[p.stem]}: masks must be single-channel (class index per pixel)")
             paths.append(p)
