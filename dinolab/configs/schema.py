@@ -272,9 +272,18 @@ def _preset_path(preset: str) -> Path:
     return path
 
 
+def _preset_layers(preset: str, seen: tuple[str, ...] = ()) -> list:
+    """A preset's YAML, preceded by the preset it names as ``inherit:`` (deltas over deltas)."""
+    if preset in seen:
+        raise ValueError(f"preset {preset!r} inherits from itself ({' -> '.join(seen + (preset,))})")
+    node = OmegaConf.load(_preset_path(preset))
+    parent = node.pop("inherit", None)
+    return (_preset_layers(str(parent), seen + (preset,)) if parent else []) + [node]
+
+
 def _merge(presets: list[str], overrides: list[str] | tuple[str, ...], base: dict | None) -> Config:
     cfg = OmegaConf.structured(Config)
-    layers = [OmegaConf.load(_preset_path(p)) for p in presets]
+    layers = [layer for p in presets for layer in _preset_layers(p)]
     if base:
         layers.append(OmegaConf.create(base))
     for item in overrides:

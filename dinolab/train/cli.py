@@ -20,6 +20,7 @@ from pathlib import Path
 from dinolab.configs.schema import Config, load_config, load_run_config, preset_names
 
 DEFAULT_PRESET = "cpu"
+DEMO_PRESET = "demo"  # the embedded default (no --data): the cpu recipe, minutes long
 HIGH_RES_PRESET = "highres"
 
 
@@ -37,7 +38,8 @@ def build_config(args: argparse.Namespace) -> Config:
         if not Path(args.high_res).exists():
             raise FileNotFoundError(f"--high-res: checkpoint {args.high_res} does not exist")
         return load_run_config(run_config_path(args.high_res), args.preset or HIGH_RES_PRESET, args.overrides, base)
-    return load_config(args.preset or DEFAULT_PRESET, args.overrides, base=base)
+    preset = args.preset or (DEFAULT_PRESET if args.data else DEMO_PRESET)
+    return load_config(preset, args.overrides, base=base)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -77,7 +79,8 @@ def register(subparsers) -> None:
     p.add_argument("--eval-data", default=None, help="labelled set for k-NN during training (npz x_train/y_train/x_test/y_test or class folders)")
     p.add_argument("--output", default="runs/dinolab", help="run directory (resumed when it holds a checkpoint)")
     p.add_argument("--preset", default=None,
-                   help=f"one of {', '.join(preset_names())} or a .yaml path (default {DEFAULT_PRESET}; "
+                   help=f"one of {', '.join(preset_names())} or a .yaml path (default {DEFAULT_PRESET} with --data, "
+                        f"{DEMO_PRESET} without; "
                         f"with --high-res: {HIGH_RES_PRESET}, applied over the source run's config)")
     p.add_argument("--distill-from", default=None, metavar="CKPT",
                    help="distil a dinolab run's checkpoint (frozen teacher with its heads) into the preset's student")
