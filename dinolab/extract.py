@@ -50,8 +50,15 @@ class ExtractConfig:
     patch_tokens: bool = False
     layers: int = 1  # class (and patch) tokens of the last ``layers`` blocks
     bf16: bool = False
+    compile: bool = False  # torch.compile the model: ~20 s once, then 1.15x (ViT-S/14 fp32, 2-core CPU)
     num_workers: int = 0
     progress: bool = True
+
+
+def compile_blocks(model) -> None:
+    """``torch.compile`` each transformer block in place (every entry point benefits, not only forward)."""
+    for blk in model.blocks:
+        blk.compile()
 
 
 @torch.inference_mode()
@@ -77,6 +84,8 @@ def extract_features(model, images: Sequence[Path], cfg: ExtractConfig = Extract
         order) and ``skipped`` (unreadable files).
     """
     model.eval()
+    if cfg.compile:
+        compile_blocks(model)
     loader = DataLoader(
         _ImageFiles(images, EvalTransform(cfg.size, cfg.resize)),
         batch_size=cfg.batch_size,
@@ -157,7 +166,7 @@ def run_extract(args: argparse.Namespace) -> int:
         raise ValueError(f"no image files found in {args.images}")
     cfg = ExtractConfig(
         batch_size=args.batch_size, size=args.size, resize=args.resize or None, patch_tokens=args.patch_tokens,
-        layers=args.layers, bf16=args.bf16, num_workers=args.workers,
+        layers=args.layers, bf16=args.bf16, compile=args.compile, num_workers=args.workers,
     )
     feats = extract_features(model, paths, cfg)
     meta = {"arch": args.arch, "weights": str(args.weights), **cfg.__dict__}
@@ -180,4 +189,5 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone (worth it for large sets)")
     p.set_defaults(func=run_extract)

@@ -5,8 +5,10 @@ local crops). Token-wise projections run once over the concatenation of every gr
 softmax attention runs per group, so attention never crosses images. With one group this is the
 plain batched attention of the official ``Attention`` module (keys ``qkv`` and ``proj``).
 
-Two attention paths: ``F.scaled_dot_product_attention`` (fused kernels; the default) and an
-explicit softmax that can return the attention maps for visualisation.
+Two attention paths: ``F.scaled_dot_product_attention`` (fused kernels) and an explicit softmax
+that can return the attention maps for visualisation. ``fused_attn=None`` (the default) picks per
+call: SDPA, except for bf16 on CPU with short sequences, where the explicit path measured faster
+(torch 2.13, 2 cores: ViT-S/14 inference 1.10x, attention forward+backward 1.5-2x at 17-65 tokens).
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# Above this many tokens the explicit path's T x T matrix costs more memory than it saves time.
+EXPLICIT_MAX_TOKENS = 512
+
+
 class Attention(nn.Module):
     def __init__(
         self,
@@ -23,7 +29,7 @@ class Attention(nn.Module):
         num_heads: int,
         qkv_bias: bool = True,
         proj_bias: bool = True,
-        fused_attn: bool = True,
+        fused_attn: bool | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -42,8 +48,13 @@ class Attention(nn.Module):
         qkv = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
+    def _use_sdpa(self, q: torch.Tensor) -> bool:
+        if self.fused_attn is not None:
+            return self.fused_attn
+        return not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] <= EXPLICIT_MAX_TOKENS)
+
     def _attend(self, q, k, v) -> torch.Tensor:
-        if self.fused_attn:
+        if self._use_sdpa(q):
             return F.scaled_dot_product_attention(q, k, v)
         attn = (q * self.scale) @ k.transpose(-2, -1)
         return attn.softmax(dim=-1) @ v

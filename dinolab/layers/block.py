@@ -48,7 +48,7 @@ class Block(nn.Module):
         init_values: float | None = 1e-5,
         drop_path: float = 0.0,
         drop_path_mode: str = "efficient",
-        fused_attn: bool = True,
+        fused_attn: bool | None = None,
         device=None,
         dtype=None,
     ) -> None:

@@ -29,7 +29,8 @@ class DinoVisionTransformer(nn.Module):
         interpolate_antialias: antialiased bicubic (True for released register checkpoints).
         drop_path_rate: stochastic depth rate, uniform over blocks (``drop_path_uniform``) or
             linearly increasing when ``drop_path_uniform=False``.
-        fused_attn: SDPA (True) or explicit softmax attention.
+        fused_attn: SDPA (True), explicit softmax (False), or None to pick per call (see
+            ``dinolab.layers.attention``).
     """
 
     def __init__(
@@ -52,7 +53,7 @@ class DinoVisionTransformer(nn.Module):
         num_register_tokens: int = 0,
         interpolate_antialias: bool = False,
         interpolate_offset: float = 0.1,
-        fused_attn: bool = True,
+        fused_attn: bool | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -112,7 +113,7 @@ class DinoVisionTransformer(nn.Module):
             elif hasattr(m, "gamma"):
                 m.init_weights()
 
-    def set_fused_attn(self, enabled: bool) -> None:
+    def set_fused_attn(self, enabled: bool | None) -> None:
         for blk in self.blocks:
             blk.attn.fused_attn = enabled
 
