@@ -186,7 +186,9 @@ def reference():
 
 
 def close(a, b):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # gradients reach ~1e3 here: two ranks sum in another order than one process, and fp32 keeps ~7
+    # digits, so single elements differ by up to ~2e-5 relative (losses are compared at 1e-5 above)
+    torch.testing.assert_close(a, b, rtol=5e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])

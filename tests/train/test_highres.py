@@ -23,6 +23,7 @@ TINY = [
     "train.batch_size_per_gpu=8", "train.num_workers=0", "train.log_every=1", "train.knn_every=0",
     "train.checkpoint_every=0", "train.precision=fp32", "optim.epoch_length=3", "optim.epochs=2",
     "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1", "train.max_iters=2",
+    "optim.base_lr=1e-3", "optim.min_lr=1e-5",
 ]
 
 
@@ -48,7 +49,7 @@ def test_high_res_run_trains_at_the_new_size_with_compressed_schedules(source_ru
     assert cfg.train.init_from == str(ckpt) and cfg.crops.global_crops_size == 24 and cfg.student.embed_dim == 32
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     lr = [r["lr"] for r in records]
-    base, floor = 1e-3 * 0.25, 1e-5  # the cpu preset's base and min lr; the highres preset's lr scale
+    base, floor = 1e-3 * 0.25, 1e-5  # the source run's base and min lr; the highres preset's lr scale
     # warmup linspace(0, base, 2), then cosine over the last 2 iterations
     assert lr == pytest.approx([0.0, base, base, floor + 0.5 * (base - floor) * (1 + math.cos(math.pi / 2))])
     assert [r["teacher_temp"] for r in records] == pytest.approx([0.04, 0.07, 0.07, 0.07])
