@@ -82,8 +82,9 @@ def run_variant(name: str, arch: str, batch: int, steps: int, drop_path: float) 
     torch.manual_seed(0)
     meta = SSLMetaArch(cfg)
     if compile_blocks:
-        for blk in list(meta.student.backbone.blocks) + list(meta.teacher.backbone.blocks):
-            blk.compile(dynamic=False)
+        from dinolab.train.loop import compile_backbones
+
+        compile_backbones(meta)
     opt = build_optimizer(meta, cfg)
     sched = schedule_values(schedule_config(cfg, batch), 1000)
     data = synthetic_batch(cfg, batch)

@@ -187,6 +187,7 @@ class TrainConfig:
     knn_image_size: int | None = None  # None: crops.global_crops_size
     max_iters: int | None = None  # stop early (e.g. a smoke run) without changing the schedules
     pack_crops: bool = True  # global + local crops through each block in one packed pass (paper §5)
+    compile: bool = False  # torch.compile each block: 1.21x on a 2-core CPU (ViT-S/14 step), ~1 min to compile
     device: str = "auto"
     distributed: str = "fsdp"  # under torchrun with >1 process: "fsdp" (FSDP2, sharded) or "ddp" (replicated)
     init_from: str | None = None  # start a new run from a dinolab checkpoint (student, teacher, heads)

@@ -47,6 +47,7 @@ from dinolab.distributed.fsdp import parallelize, unwrap, unwrapped_side
 from dinolab.io import atomic_write_json, atomic_write_text
 from dinolab.models.checkpoints import save_backbone
 from dinolab.train.checkpointer import Checkpointer, load_meta_weights, read_model_state
+from dinolab.models.vit import DinoVisionTransformer
 from dinolab.train.meta_arch import SSLMetaArch
 from dinolab.train.monitor import KnnMonitor
 from dinolab.train.param_groups import ParamGroupConfig, build_param_groups
@@ -162,6 +163,14 @@ def build_meta_arch(cfg: Config) -> SSLMetaArch:
 
         return DistillMetaArch.from_config(cfg)
     return SSLMetaArch(cfg)
+
+
+def compile_backbones(meta: SSLMetaArch) -> None:
+    """``torch.compile`` every transformer block of every backbone in place (``train.compile``)."""
+    for module in meta.modules():
+        if isinstance(module, DinoVisionTransformer):
+            for blk in module.blocks:
+                blk.compile(dynamic=False)
 
 
 def build_optimizer(meta: SSLMetaArch, cfg: Config) -> torch.optim.AdamW:
@@ -373,6 +382,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, env: DistEn
     if cfg.train.init_from and latest is None:
         load_meta_weights(meta, read_model_state(cfg.train.init_from), name=f"train.init_from={cfg.train.init_from}")
     parallelize(meta, cfg.train.distributed, device, precision)
+    if cfg.train.compile:
+        compile_backbones(meta)
     if env.distributed:
         torch.manual_seed(cfg.train.seed + 1 + env.rank)  # each rank draws its own drop-path subsets
     optimizer = build_optimizer(meta, cfg)

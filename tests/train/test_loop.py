@@ -152,3 +152,12 @@ def test_ema_update_formula():
     meta.update_teacher(0.9)
     for t0, s0, t1 in zip(t_before, s, meta.teacher.parameters()):
         torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * s0)
+
+
+def test_compiled_blocks_give_the_same_losses(data, tmp_path):
+    for flag in ("false", "true"):
+        train(tiny_cfg(data, f"train.compile={flag}", "train.max_iters=2"), tmp_path / flag, progress=False)
+    eager, compiled = losses_by_iteration(tmp_path / "false"), losses_by_iteration(tmp_path / "true")
+    assert sorted(eager) == sorted(compiled) == [1, 2]
+    for it in eager:
+        assert compiled[it] == pytest.approx(eager[it], abs=1e-4)
