@@ -13,18 +13,10 @@ from dinolab.models.checkpoints import read_state_dict, resample_pos_embed
 from dinolab.train.checkpointer import load_meta_weights, read_model_state
 from dinolab.train.loop import train
 from dinolab.train.meta_arch import SSLMetaArch
+from tiny_run import TINY_RUN
 
 # source run: 6 iterations of which 3 of lr warmup and 3 of teacher-temperature warmup, global crops 16 (4x4 patches)
-TINY = [
-    "student.embed_dim=32", "student.num_heads=2", "student.depth=2",
-    "dino.head.n_prototypes=64", "dino.head.hidden_dim=32", "dino.head.bottleneck_dim=16",
-    "ibot.head.n_prototypes=64", "ibot.head.hidden_dim=32", "ibot.head.bottleneck_dim=16",
-    "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
-    "train.batch_size_per_gpu=8", "train.num_workers=0", "train.log_every=1", "train.knn_every=0",
-    "train.checkpoint_every=0", "train.precision=fp32", "optim.epoch_length=3", "optim.epochs=2",
-    "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1", "train.max_iters=2",
-    "optim.base_lr=1e-3", "optim.min_lr=1e-5",
-]
+TINY = [*TINY_RUN, "optim.epochs=2", "train.max_iters=2", "optim.base_lr=1e-3", "optim.min_lr=1e-5"]
 
 
 @pytest.fixture(scope="module")
