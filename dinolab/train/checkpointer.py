@@ -51,9 +51,11 @@ class Checkpointer:
     def dcp_path(self, iteration: int) -> Path:
         return self.dir / f"dcp_{iteration:07d}"
 
-    def prune(self) -> None:
-        """Keep the last ``keep_last`` checkpoints of either kind."""
-        for old in self.all()[: -self.keep_last]:
+    def prune(self, keep: int | None = None) -> None:
+        """Keep the last ``keep`` (default ``keep_last``) checkpoints of either kind; 0 removes them all."""
+        keep = self.keep_last if keep is None else keep
+        found = self.all()
+        for old in found[: max(0, len(found) - keep)]:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
 
     @staticmethod

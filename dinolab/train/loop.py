@@ -365,6 +365,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, env: DistEn
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir, cfg.train.keep_last)
     latest = ckpt.latest() if resume else None
+    if not resume and env.is_main:  # from scratch: an older run's checkpoints and curves would be mixed in
+        ckpt.prune(keep=0)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if latest is not None:
         saved = load_config(str(run_dir / "config.yaml"))
         diff = _config_diff(saved, cfg)
@@ -412,6 +415,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, env: DistEn
     show = progress and env.is_main
     bar = tqdm(total=end, initial=start, desc="train", unit="it", disable=not show, dynamic_ncols=True)
     t0 = time.perf_counter()
+    seconds_at_start = extra["train_seconds"]
     with _stop_on_signals() as stop:
         data = iter(loader)
         for it in range(start, end):
@@ -427,7 +431,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, env: DistEn
                     elapsed = extra["train_seconds"] + time.perf_counter() - t0
                     log.write({"iteration": done, **losses, "lr": sched.lr, "wd": sched.weight_decay,
                                "momentum": sched.momentum, "teacher_temp": sched.teacher_temp,
-                               "images_per_second": (done - start) * global_batch / max(time.perf_counter() - t0, 1e-9),
+                               "images_per_second": (done - start) * global_batch / max(elapsed - seconds_at_start, 1e-9),
                                "elapsed_seconds": elapsed})
             if _knn_wanted(cfg) and cfg.train.knn_every and done % cfg.train.knn_every == 0 and done < end:
                 t_eval = time.perf_counter()

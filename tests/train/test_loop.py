@@ -154,3 +154,12 @@ def test_compiled_blocks_give_the_same_losses(data, tmp_path):
     assert sorted(eager) == sorted(compiled) == [1, 2]
     for it in eager:
         assert compiled[it] == pytest.approx(eager[it], abs=1e-4)
+
+
+def test_no_resume_starts_from_scratch(data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(data, "train.checkpoint_every=1"), run, progress=False)  # 6 iterations, last 3 kept
+    summary = train(tiny_cfg(data, "train.max_iters=2", "train.checkpoint_every=1"), run, resume=False, progress=False)
+    assert summary["iterations"] == 2
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["ckpt_0000001.pth", "ckpt_0000002.pth"]
+    assert sorted(losses_by_iteration(run)) == [1, 2]
