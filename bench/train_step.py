@@ -6,7 +6,8 @@ Every variant runs in a fresh subprocess (its own peak RSS). Compared:
 
     naive       separate global/local forwards, masked drop path, fp32
     efficient   packed forwards, drop path that skips dropped samples, bf16 autocast
-    (a) packing alone, (b) drop-path flavour alone at d=0.4, (c) precision alone, (d) torch.compile
+    (a) packing alone, (b) drop-path flavour alone at d=0.4, (c) precision alone, (d) torch.compile,
+    (e) activation checkpointing of the student's blocks (memory for recomputation)
 
 and the efficient step's achieved FLOP/s (counted by torch.utils.flop_counter) as a fraction of
 this machine's bf16 GEMM peak, measured here.
@@ -24,13 +25,14 @@ import sys
 import time
 
 VARIANTS = {
-    # name: (pack_crops, drop_path_mode, precision, compile)
-    "naive": (False, "mask", "fp32", False),
-    "efficient": (True, "efficient", "bf16", False),
-    "a/separate": (False, "efficient", "bf16", False),
-    "b/masked-dp": (True, "mask", "bf16", False),
-    "c/fp32": (True, "efficient", "fp32", False),
-    "d/compiled": (True, "efficient", "bf16", True),
+    # name: (pack_crops, drop_path_mode, precision, compile, activation_checkpointing)
+    "naive": (False, "mask", "fp32", False, False),
+    "efficient": (True, "efficient", "bf16", False, False),
+    "a/separate": (False, "efficient", "bf16", False, False),
+    "b/masked-dp": (True, "mask", "bf16", False, False),
+    "c/fp32": (True, "efficient", "fp32", False, False),
+    "d/compiled": (True, "efficient", "bf16", True, False),
+    "e/checkpointed": (True, "efficient", "bf16", False, True),
 }
 
 
@@ -73,11 +75,12 @@ def run_variant(name: str, arch: str, batch: int, steps: int, drop_path: float) 
     from dinolab.train.schedules import schedule_values
     from dinolab.train.step import train_step
 
-    pack, dp_mode, precision, compile_blocks = VARIANTS[name]
+    pack, dp_mode, precision, compile_blocks, checkpointing = VARIANTS[name]
     cfg = load_config(None, [
         f"student.arch={arch}", "student.patch_size=14", f"student.drop_path_rate={drop_path}",
         f"student.drop_path_mode={dp_mode}", "crops.global_crops_size=224", "crops.local_crops_size=98",
         "crops.local_crops_number=8", f"train.pack_crops={pack}", f"train.batch_size_per_gpu={batch}",
+        f"train.activation_checkpointing={checkpointing}",
     ])
     torch.manual_seed(0)
     meta = SSLMetaArch(cfg)
@@ -129,7 +132,8 @@ def main() -> None:
         r = res[name]
         print(f"{name:12s} {r['images_per_second']:7.2f} images/s  {r['seconds_per_step']:7.2f} s/step  {r['peak_rss_mb']:7.0f} MB peak RSS")
     pairs = [("efficient", "naive"), ("efficient", "a/separate"), ("efficient", "b/masked-dp"),
-             ("efficient", "c/fp32"), ("d/compiled", "efficient")]
+             ("efficient", "c/fp32"), ("d/compiled", "efficient"), ("e/checkpointed", "naive"),
+             ("e/checkpointed", "efficient")]
     for a, b in pairs:
         if a in res and b in res:
             print(f"{a} / {b}: {res[a]['images_per_second'] / res[b]['images_per_second']:.2f}x images/s, "
@@ -137,6 +141,10 @@ def main() -> None:
     if "efficient" in res:
         achieved = res["efficient"]["flops_per_step"] / res["efficient"]["seconds_per_step"]
         print(f"efficient step: {achieved / 1e9:.0f} GFLOP/s = {100 * achieved / peak['bfloat16']:.0f}% of the bf16 GEMM peak")
+        for name in ("d/compiled", "e/checkpointed"):  # the same model FLOPs (recomputation not counted)
+            if name in res:
+                achieved = res["efficient"]["flops_per_step"] / res[name]["seconds_per_step"]
+                print(f"{name} step: {achieved / 1e9:.0f} model GFLOP/s = {100 * achieved / peak['bfloat16']:.0f}% of the peak")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ use in ``dinov2/train/ssl_meta_arch.py`` (``forward_masked(...) * 2 * (1 / 2)``)
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from dinolab.losses.soft_ce import soft_cross_entropy
 
 
 def ibot_loss(
@@ -49,6 +50,5 @@ def ibot_loss(
         raise ValueError(f"ibot_loss: weights {tuple(weights.shape)} must be [M={student_patch_logits.shape[0]}]")
     if int(n_images) <= 0:
         raise ValueError(f"ibot_loss: n_images must be positive, got {n_images}")
-    log_probs = F.log_softmax(student_patch_logits.float() / student_temp, dim=-1)
-    ce = -(teacher_patch_probs.float() * log_probs).sum(dim=-1)  # [M]
+    ce = soft_cross_entropy(student_patch_logits, teacher_patch_probs, student_temp)  # [M] fp32, chunked
     return (ce * weights.float()).sum() / int(n_images)

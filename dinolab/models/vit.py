@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -90,6 +91,8 @@ class DinoVisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6, **kw)
         self.head = nn.Identity()
+        # recompute each block's activations in the backward instead of keeping them (training memory)
+        self.activation_checkpointing = False
         self.init_weights()
 
     # ---------------------------------------------------------------- init
@@ -184,7 +187,7 @@ class DinoVisionTransformer(nn.Module):
         """Several image groups (e.g. global and local crops) through one packed pass per block."""
         tokens = [self.prepare_tokens_with_masks(x, m) for x, m in zip(xs, masks_list)]
         for blk in self.blocks:
-            tokens = blk(tokens)
+            tokens = self._run_block(blk, tokens)
         return [self._output_dict(t, m) for t, m in zip(tokens, masks_list)]
 
     def forward_features(self, x, masks: torch.Tensor | None = None):
@@ -198,8 +201,15 @@ class DinoVisionTransformer(nn.Module):
             return self.forward_features_list(list(x), list(masks) if masks is not None else [None] * len(x))
         t = self.prepare_tokens_with_masks(x, masks)
         for blk in self.blocks:
-            t = blk(t)
+            t = self._run_block(blk, t)
         return self._output_dict(t, masks)
+
+    def _run_block(self, blk: nn.Module, tokens):
+        """``blk(tokens)``; under ``activation_checkpointing`` (and autograd) its activations are recomputed
+        in the backward, with the same random drop-path subsets (the RNG state is replayed)."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, tokens, use_reentrant=False)
+        return blk(tokens)
 
     def forward(self, *args, is_training: bool = False, **kwargs):
         """The official entry point: the normalised class token [B, D], or the full dict when training."""

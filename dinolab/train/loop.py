@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -131,6 +132,13 @@ def build_loader(cfg: Config, images: Dataset, rank: int = 0, world_size: int = 
         local_crops_scale=tuple(c.local_crops_scale),
         blur_semantics=c.blur_semantics,
         blur_sigma=tuple(c.blur_sigma),
+        color_jitter_p=c.color_jitter_p,
+        brightness=c.brightness,
+        contrast=c.contrast,
+        saturation=c.saturation,
+        hue=c.hue,
+        grayscale_p=c.grayscale_p,
+        solarize_p=c.solarize_p,
     )
     dataset = _Keyed(MultiCropDataset(images, aug, seed=cfg.train.seed))
     sampler = InfiniteSampler(len(images), seed=cfg.train.seed, rank=rank, world_size=world_size, yield_keys=True)
@@ -179,7 +187,12 @@ def build_optimizer(meta: SSLMetaArch, cfg: Config) -> torch.optim.AdamW:
         unwrapped_side(meta.student),
         ParamGroupConfig(layer_decay=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult),
     )
-    return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), foreach=True)
+    # fused: one kernel per parameter group, no group-sized temporaries (the foreach path allocates
+    # several copies of all parameters during the step); sharded DTensor parameters take foreach
+    fused = not any(isinstance(p, DTensor) for g in groups for p in g["params"])
+    return torch.optim.AdamW(
+        groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=fused, foreach=not fused
+    )
 
 
 def _config_diff(saved: Config, new: Config) -> list[str]:

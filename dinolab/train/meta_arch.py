@@ -44,7 +44,9 @@ def build_student_backbone(cfg: Config) -> DinoVisionTransformer:
         interpolate_antialias=bool(s.num_register_tokens),
     )
     overrides.update({k: getattr(s, k) for k in ("embed_dim", "depth", "num_heads") if getattr(s, k) is not None})
-    return build_backbone(s.arch, weights=s.pretrained_weights, **overrides)
+    backbone = build_backbone(s.arch, weights=s.pretrained_weights, **overrides)
+    backbone.activation_checkpointing = cfg.train.activation_checkpointing  # no effect without autograd (teacher)
+    return backbone
 
 
 def build_head(in_dim: int, h: HeadConfig) -> DINOHead:

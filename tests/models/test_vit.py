@@ -181,3 +181,30 @@ def test_official_interpolation_formula_with_offset():
 def test_clear_errors(call, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         call()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_activation_checkpointing_gives_equal_outputs_and_gradients(packed):
+    # with random drop-path subsets: the recomputation must replay the same subsets
+    m = tiny(drop_path_rate=0.4, drop_path_mode="efficient").train()
+    g, l = torch.randn(4, 3, 56, 56), torch.randn(6, 3, 28, 28)
+    masks = torch.rand(4, 16) < 0.3
+
+    def loss_and_grads(checkpointing: bool):
+        m.activation_checkpointing = checkpointing
+        m.zero_grad()
+        torch.manual_seed(7)
+        if packed:
+            outs = m.forward_features([g, l], [masks, None])
+        else:
+            outs = [m.forward_features(g, masks)]
+        loss = sum((o["x_norm_clstoken"] ** 2).sum() + o["x_norm_patchtokens"].sum() for o in outs)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    loss_plain, grads_plain = loss_and_grads(False)
+    loss_ckpt, grads_ckpt = loss_and_grads(True)
+    torch.testing.assert_close(loss_ckpt, loss_plain)
+    assert grads_ckpt.keys() == grads_plain.keys() and len(grads_plain) > 10
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], atol=1e-6, rtol=1e-5, msg=name)
