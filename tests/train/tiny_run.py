@@ -10,5 +10,5 @@ TINY_RUN = [
     "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
     "train.batch_size_per_gpu=8", "train.num_workers=0", "train.log_every=1", "train.knn_every=0",
     "train.checkpoint_every=0", "train.precision=fp32", "optim.epoch_length=3",
-    "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
+    "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1", "teacher.teacher_temp=0.07",
 ]
