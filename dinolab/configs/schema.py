@@ -199,7 +199,7 @@ class TrainConfig:
     knn_image_size: int | None = None  # None: crops.global_crops_size
     max_iters: int | None = None  # stop early (e.g. a smoke run) without changing the schedules
     pack_crops: bool = True  # global + local crops through each block in one packed pass (paper §5)
-    activation_checkpointing: bool = False  # recompute the student's block activations in the backward: less memory, ~+30% compute
+    activation_checkpointing: bool = False  # recompute the student's block activations in the backward: 0.77x peak memory, 0.89x images/s (ViT-S/14 bench)
     compile: bool = False  # torch.compile each block: 1.21x on a 2-core CPU (ViT-S/14 step), ~1 min to compile
     device: str = "auto"
     distributed: str = "fsdp"  # under torchrun with >1 process: "fsdp" (FSDP2, sharded) or "ddp" (replicated)

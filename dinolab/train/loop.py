@@ -187,8 +187,8 @@ def build_optimizer(meta: SSLMetaArch, cfg: Config) -> torch.optim.AdamW:
         unwrapped_side(meta.student),
         ParamGroupConfig(layer_decay=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult),
     )
-    # fused: one kernel per parameter group, no group-sized temporaries (the foreach path allocates
-    # several copies of all parameters during the step); sharded DTensor parameters take foreach
+    # fused where parameters are plain tensors (one kernel per group; measured no change in peak memory
+    # on the ViT-S/14 bench); sharded DTensor parameters take foreach
     fused = not any(isinstance(p, DTensor) for g in groups for p in g["params"])
     return torch.optim.AdamW(
         groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=fused, foreach=not fused
