@@ -69,28 +69,48 @@ def sinkhorn_knopp(
     """
     if teacher_logits.ndim != 2:
         raise ValueError(f"sinkhorn_knopp expects teacher_logits [B,K], got {tuple(teacher_logits.shape)}")
-    logits = teacher_logits.float()
-    n_protos = logits.shape[1]
+    n_rows, n_protos = teacher_logits.shape
     tiny = torch.finfo(torch.float32).tiny
+    device = teacher_logits.device
     if n_samples is None:
-        n_total = torch.tensor(float(logits.shape[0]), device=logits.device)
+        n_total = torch.tensor(float(n_rows), device=device)
         _all_reduce(n_total, group)
     else:
-        n_total = torch.as_tensor(n_samples, dtype=torch.float32, device=logits.device).reshape(())
-    shift = _exp_safe_shift(logits, teacher_temp, group)
-    q = torch.exp((logits - shift) / teacher_temp).t()  # [K, B], K-by-B as in the paper's notation
+        n_total = torch.as_tensor(n_samples, dtype=torch.float32, device=device).reshape(())
+    shift = _exp_safe_shift(teacher_logits, teacher_temp, group)
+    # Stored sample-major ([B, K], the transpose of the pseudocode's Q) so that a sample's row is contiguous.
+    # Every element-wise pass runs over a few rows at a time (they stay in cache); the prototype sums are one
+    # streaming column reduction per iteration.
+    q = torch.empty(n_rows, n_protos, dtype=torch.float32, device=device)
+    rows = _chunk_rows(n_protos)
+    for start in range(0, n_rows, rows):
+        q[start : start + rows].copy_(teacher_logits[start : start + rows]).sub_(shift).div_(teacher_temp).exp_()
     total = q.sum()
     _all_reduce(total, group)
-    q /= total.clamp_min(tiny)
-    for _ in range(n_iterations):
-        row_sums = q.sum(dim=1, keepdim=True)  # [K, 1]: mass per prototype, over all ranks
-        _all_reduce(row_sums, group)
-        q /= row_sums.clamp_min(tiny)
-        q /= n_protos
-        q /= q.sum(dim=0, keepdim=True).clamp_min(tiny)  # [1, B]: a sample lives on one rank, no reduce
-        q /= n_total
-    q *= n_total
-    return q.t()
+    total = total.clamp_min(tiny)
+    for it in range(n_iterations):
+        proto_mass = q.sum(dim=0)  # [K]: mass per prototype, over all ranks
+        _all_reduce(proto_mass, group)
+        if it == 0:  # the pseudocode's first "Q /= sum(Q)", folded into this pass
+            proto_mass /= total
+        proto_scale = proto_mass.clamp_min_(tiny).mul_(n_protos).reciprocal_()  # Q /= row sums; Q /= K
+        if it == 0:
+            proto_scale /= total
+        last = it == n_iterations - 1
+        for start in range(0, n_rows, rows):
+            block = q[start : start + rows].mul_(proto_scale)
+            sample_mass = block.sum(dim=1, keepdim=True).clamp_min_(tiny)  # a sample lives on one rank
+            # divide by the sample mass and by B; the final "* B" cancels the last division
+            block.div_(sample_mass if last else sample_mass * n_total)
+    if n_iterations == 0:
+        q /= total
+        q *= n_total
+    return q
+
+
+def _chunk_rows(n_columns: int) -> int:
+    """Rows per element-wise block: about 2^19 floats (2 MB, an L2 cache), at least one row."""
+    return max(1, 2**19 // max(1, n_columns))
 
 
 # largest exponent after the shift: e^60 ~ 1e26 leaves room for summing ~1e12 entries below fp32's 3.4e38
@@ -101,7 +121,8 @@ def _exp_safe_shift(logits: torch.Tensor, teacher_temp: float, group: dist.Proce
     """A global constant to subtract before ``exp``: the midpoint of the global range, raised if needed so
     that the largest exponent is at most ``_MAX_EXPONENT`` (one collective; 0 when there are no logits)."""
     if logits.numel():
-        extremes = torch.stack([logits.max(), -logits.min()])
+        low, high = torch.aminmax(logits)
+        extremes = torch.stack([high, -low]).float()
     else:
         extremes = torch.full((2,), float("-inf"), device=logits.device)
     _all_reduce(extremes, group, op=dist.ReduceOp.MAX)

@@ -8,7 +8,8 @@ References: Caron et al. 2021 (DINO), Oquab et al. 2023 (DINOv2); official code
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from dinolab.losses.soft_ce import soft_cross_entropy
 
 
 def dino_loss(
@@ -64,12 +65,16 @@ def dino_loss(
             f"dino_loss: teacher_probs {tuple(teacher_probs.shape)} must match student [*, {batch}, {n_protos}]"
         )
     n_teacher = teacher_probs.shape[0]
-    log_probs = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-    ce_per_pair = -torch.einsum("sbk,tbk->st", log_probs, teacher_probs.float())  # [S, T], summed over B
-    keep = torch.ones(n_student, n_teacher, device=ce_per_pair.device)
+    keep = torch.ones(n_student, n_teacher, dtype=torch.float32, device=student_logits.device)
     if ignore_diagonal:
         keep.fill_diagonal_(0.0)
     n_pairs = int(keep.sum().item())
     if n_pairs == 0:
         raise ValueError(f"dino_loss: no (student, teacher) pair left with S={n_student}, T={n_teacher}")
-    return (ce_per_pair * keep).sum() / (n_pairs * batch)
+    # The cross-entropy is linear in its target: the sum over the kept teacher crops of one student crop's
+    # CE is one CE against the sum of those targets (mass 1 or 2, unnormalised), computed in cache-sized chunks.
+    summed_targets = torch.einsum("st,tbk->sbk", keep, teacher_probs.float())  # [S, B, K]
+    ce = soft_cross_entropy(
+        student_logits.reshape(-1, n_protos), summed_targets.reshape(-1, n_protos), student_temp
+    )  # [S * B]
+    return ce.sum() / (n_pairs * batch)

@@ -72,7 +72,8 @@ class DINOHead(nn.Module):
         x = self.mlp(x)
         eps = 1e-6 if x.dtype == torch.float16 else 1e-12
         x = nn.functional.normalize(x, dim=-1, p=2, eps=eps)
-        return self.last_layer(x)
+        weight = self.last_layer.parametrizations.weight
+        return weight_normalized_linear(x, weight.original1, weight.original0)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -85,6 +86,82 @@ class DINOHead(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+class _WeightNormalizedLinear(torch.autograd.Function):
+    """``x @ (g * v / ||v||).T`` with the normalised weight built once, in row blocks, in the compute dtype,
+    and the weight-norm backward written out (``torch._weight_norm_interface_backward`` took 84 ms per call on
+    the [65,536, 256] prototype matrix of a 2-core CPU, plus two full-size dtype copies)."""
+
+    @staticmethod
+    def forward(ctx, x, direction, magnitude, compute_dtype, block_rows):
+        n_protos, dim = direction.shape
+        acc = torch.promote_types(direction.dtype, torch.float32)  # fp32, or fp64 for fp64 weights
+        norm = torch.linalg.vector_norm(direction, dim=1, keepdim=True, dtype=acc)  # [K, 1]
+        scale = magnitude.to(acc) / norm  # [K, 1]: g / ||v||
+        weight = torch.empty(n_protos, dim, dtype=compute_dtype, device=direction.device)
+        for start in range(0, n_protos, block_rows):
+            rows = slice(start, start + block_rows)
+            weight[rows] = direction[rows] * scale[rows]  # product in the accumulation dtype, cast on assignment
+        x_c = x.to(compute_dtype)
+        ctx.save_for_backward(x_c, direction, weight, norm, scale)
+        ctx.x_dtype, ctx.magnitude_dtype, ctx.block_rows = x.dtype, magnitude.dtype, block_rows
+        return x_c @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        x_c, direction, weight, norm, scale = ctx.saved_tensors
+        grad_logits = grad_logits.to(weight.dtype)
+        grad_x = (grad_logits @ weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            return grad_x, None, None, None, None
+        grad_weight = grad_logits.t() @ x_c  # [K, D] in the compute dtype, as autocast's mm backward
+        grad_direction = torch.empty_like(direction)
+        grad_magnitude = torch.empty_like(norm)
+        # W = g v / n, n = ||v||: dL/dg = <dL/dW, v> / n;  dL/dv = (g / n) (dL/dW - v <dL/dW, v> / n^2)
+        for start in range(0, direction.shape[0], ctx.block_rows):
+            rows = slice(start, start + ctx.block_rows)
+            gw, v = grad_weight[rows].to(norm.dtype), direction[rows]
+            dot = (gw * v).sum(1, keepdim=True)
+            grad_magnitude[rows] = dot / norm[rows]
+            grad_direction[rows] = (gw - v * (dot / norm[rows].square())).mul_(scale[rows])
+        return grad_x, grad_direction, grad_magnitude.to(ctx.magnitude_dtype), None, None
+
+
+def weight_normalized_linear(
+    x: torch.Tensor, direction: torch.Tensor, magnitude: torch.Tensor, block_rows: int | None = None
+) -> torch.Tensor:
+    """``x @ (magnitude * direction / ||direction||).T``: the prototype layer of ``DINOHead``.
+
+    Equal to ``weight_norm(nn.Linear(D, K, bias=False))(x)`` with ``original0 = magnitude`` and
+    ``original1 = direction``; under autocast the matmul runs in the autocast dtype (the weight is
+    normalised in fp32 and cast once), as the parametrized layer does.
+
+    Args:
+        x: [N, D] inputs.
+        direction: [K, D] weight directions ``v``.
+        magnitude: [K, 1] weight norms ``g``.
+        block_rows: rows of ``direction`` per element-wise block (default: about 2^19 values).
+
+    Returns:
+        [N, K] logits in the compute dtype (the autocast dtype under autocast, else ``x``'s).
+    """
+    if x.shape[-1] != direction.shape[1] or magnitude.shape != (direction.shape[0], 1):
+        raise ValueError(
+            f"weight_normalized_linear: x [..., {direction.shape[1]}], direction [K, D] and magnitude [K, 1] "
+            f"expected, got {tuple(x.shape)}, {tuple(direction.shape)}, {tuple(magnitude.shape)}"
+        )
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = torch.promote_types(x.dtype, direction.dtype)
+    if block_rows is None:
+        block_rows = max(1, 2**19 // max(1, direction.shape[1]))
+    lead = x.shape[:-1]
+    with torch.autocast(device_type, enabled=False):
+        out = _WeightNormalizedLinear.apply(x.reshape(-1, x.shape[-1]), direction, magnitude, compute_dtype, block_rows)
+    return out.reshape(*lead, direction.shape[0])
 
 
 def convert_official_head_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

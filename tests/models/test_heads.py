@@ -5,8 +5,14 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
-from dinolab.models.heads import DINOHead, convert_official_head_state_dict, to_official_head_state_dict
+from dinolab.models.heads import (
+    DINOHead,
+    convert_official_head_state_dict,
+    to_official_head_state_dict,
+    weight_normalized_linear,
+)
 
 
 def _official_state_dict(in_dim, out_dim, hidden, bottleneck, seed=0) -> dict[str, torch.Tensor]:
@@ -90,3 +96,56 @@ def test_key_names_match_the_deprecated_weight_norm():
     missing, unexpected = head.load_state_dict(old_sd, strict=False)
     assert unexpected == [] and all(k.startswith("mlp.") for k in missing)
     torch.testing.assert_close(head.last_layer.weight, old.weight)
+
+
+def _parametrized_reference(x, direction, magnitude):
+    layer = weight_norm(nn.Linear(direction.shape[1], direction.shape[0], bias=False)).to(direction.dtype)
+    with torch.no_grad():
+        layer.parametrizations.weight.original0.copy_(magnitude)
+        layer.parametrizations.weight.original1.copy_(direction)
+    return layer, layer(x)
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, None])
+def test_weight_normalized_linear_equals_the_parametrized_layer(block_rows):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    direction = torch.randn(7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    magnitude = (torch.rand(7, 1, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    before = direction.detach().clone()
+    out = weight_normalized_linear(x, direction, magnitude, block_rows=block_rows)
+    weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (out * weights).sum().backward()
+    assert torch.equal(direction.detach(), before)  # the parameter is never written in place
+    x_ref = x.detach().requires_grad_()
+    layer, ref = _parametrized_reference(x_ref, direction.detach(), magnitude.detach())
+    (ref * weights).sum().backward()
+    p = layer.parametrizations.weight
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(direction.grad, p.original1.grad)
+    torch.testing.assert_close(magnitude.grad, p.original0.grad)
+
+
+def test_head_under_bf16_autocast_matches_the_parametrized_head():
+    torch.manual_seed(0)
+    head = DINOHead(16, out_dim=300, hidden_dim=32, bottleneck_dim=8)
+    x = torch.randn(10, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(x)
+        ref = head.last_layer(torch.nn.functional.normalize(head.mlp(x), dim=-1))
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    out.float().square().sum().backward()
+    p = head.last_layer.parametrizations.weight
+    grads = [p.original0.grad.clone(), p.original1.grad.clone()]
+    head.zero_grad()
+    ref.float().square().sum().backward()
+    assert p.original0.grad.dtype == torch.float32
+    for ours, theirs in zip(grads, [p.original0.grad, p.original1.grad]):
+        torch.testing.assert_close(ours, theirs, rtol=3e-2, atol=3e-3)
+
+
+def test_weight_normalized_linear_shape_error():
+    with pytest.raises(ValueError, match="magnitude"):
+        weight_normalized_linear(torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(3))
