@@ -7,12 +7,17 @@ Every variant runs in a fresh subprocess (its own peak RSS). Compared:
     naive       separate global/local forwards, masked drop path, fp32
     efficient   packed forwards, drop path that skips dropped samples, bf16 autocast
     (a) packing alone, (b) drop-path flavour alone at d=0.4, (c) precision alone, (d) torch.compile,
-    (e) activation checkpointing of the student's blocks (memory for recomputation)
+    (e) activation checkpointing of the student's blocks (memory for recomputation),
+    (f) glibc giving freed memory back to the kernel (``train.keep_freed_memory=false``; every other
+        variant keeps it for reuse, as ``dinolab train`` does by default)
 
 and the efficient step's achieved FLOP/s (counted by torch.utils.flop_counter) as a fraction of
 this machine's bf16 GEMM peak, measured here.
 
-    python bench/train_step.py [--batch 8] [--steps 3] [--arch vit_small] [--only NAME ...]
+Each variant runs ``--warmup`` steps first (the first steps grow the heap and the optimizer state), then
+the mean of ``--steps`` timed steps.
+
+    python bench/train_step.py [--batch 8] [--steps 3] [--warmup 2] [--arch vit_small] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -25,14 +30,15 @@ import sys
 import time
 
 VARIANTS = {
-    # name: (pack_crops, drop_path_mode, precision, compile, activation_checkpointing)
-    "naive": (False, "mask", "fp32", False, False),
-    "efficient": (True, "efficient", "bf16", False, False),
-    "a/separate": (False, "efficient", "bf16", False, False),
-    "b/masked-dp": (True, "mask", "bf16", False, False),
-    "c/fp32": (True, "efficient", "fp32", False, False),
-    "d/compiled": (True, "efficient", "bf16", True, False),
-    "e/checkpointed": (True, "efficient", "bf16", False, True),
+    # name: (pack_crops, drop_path_mode, precision, compile, activation_checkpointing, keep_freed_memory)
+    "naive": (False, "mask", "fp32", False, False, True),
+    "efficient": (True, "efficient", "bf16", False, False, True),
+    "a/separate": (False, "efficient", "bf16", False, False, True),
+    "b/masked-dp": (True, "mask", "bf16", False, False, True),
+    "c/fp32": (True, "efficient", "fp32", False, False, True),
+    "d/compiled": (True, "efficient", "bf16", True, False, True),
+    "e/checkpointed": (True, "efficient", "bf16", False, True, True),
+    "f/fresh-pages": (True, "efficient", "bf16", False, False, False),
 }
 
 
@@ -89,17 +95,20 @@ def synthetic_batch(cfg, batch: int) -> dict:
                          rng=np.random.default_rng(0))
 
 
-def run_variant(name: str, arch: str, batch: int, steps: int, drop_path: float) -> dict:
+def run_variant(name: str, arch: str, batch: int, steps: int, drop_path: float, warmup: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from dinolab.configs import load_config
     from dinolab.train.loop import build_optimizer, schedule_config
+    from dinolab.train.host_memory import keep_freed_memory
     from dinolab.train.meta_arch import SSLMetaArch
     from dinolab.train.schedules import schedule_values
     from dinolab.train.step import train_step
 
-    pack, dp_mode, precision, compile_blocks, checkpointing = VARIANTS[name]
+    pack, dp_mode, precision, compile_blocks, checkpointing, keep_memory = VARIANTS[name]
+    if keep_memory:
+        keep_freed_memory()
     cfg = load_config(None, [
         f"student.arch={arch}", "student.patch_size=14", f"student.drop_path_rate={drop_path}",
         f"student.drop_path_mode={dp_mode}", "crops.global_crops_size=224", "crops.local_crops_size=98",
@@ -115,7 +124,8 @@ def run_variant(name: str, arch: str, batch: int, steps: int, drop_path: float) 
     opt = build_optimizer(meta, cfg)
     sched = schedule_values(schedule_config(cfg, batch), 1000)
     data = synthetic_batch(cfg, batch)
-    train_step(meta, opt, data, sched, 0, precision, cfg.optim.clip_grad)  # warm-up (and compilation)
+    for i in range(warmup):  # (and compilation)
+        train_step(meta, opt, data, sched, i, precision, cfg.optim.clip_grad)
     t0 = time.perf_counter()
     for i in range(steps):
         train_step(meta, opt, data, sched, i, precision, cfg.optim.clip_grad)
@@ -134,20 +144,22 @@ def main() -> None:
     p.add_argument("--arch", default="vit_small")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--drop-path", type=float, default=0.4)
     p.add_argument("--only", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(run_variant(args.child, args.arch, args.batch, args.steps, args.drop_path)))
+        print(json.dumps(run_variant(args.child, args.arch, args.batch, args.steps, args.drop_path, args.warmup)))
         return
     peak = {d: gemm_peak(d) for d in ("float32", "bfloat16")}
     print(f"GEMM peak here: fp32 {peak['float32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s")
-    print(f"{args.arch}/14, 2x224 + 8x98 crops, batch {args.batch}, drop path {args.drop_path}, mean of {args.steps} steps")
+    print(f"{args.arch}/14, 2x224 + 8x98 crops, batch {args.batch}, drop path {args.drop_path}, "
+          f"mean of {args.steps} steps after {args.warmup} warm-up steps")
     res = {}
     for name in args.only:
         cmd = [sys.executable, __file__, "--child", name, "--arch", args.arch, "--batch", str(args.batch),
-               "--steps", str(args.steps), "--drop-path", str(args.drop_path)]
+               "--steps", str(args.steps), "--drop-path", str(args.drop_path), "--warmup", str(args.warmup)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             print(f"{name:12s} failed: {proc.stderr.strip().splitlines()[-1]}")
@@ -157,7 +169,7 @@ def main() -> None:
         print(f"{name:12s} {r['images_per_second']:7.2f} images/s  {r['seconds_per_step']:7.2f} s/step  {r['peak_rss_mb']:7.0f} MB peak RSS")
     pairs = [("efficient", "naive"), ("efficient", "a/separate"), ("efficient", "b/masked-dp"),
              ("efficient", "c/fp32"), ("d/compiled", "efficient"), ("e/checkpointed", "naive"),
-             ("e/checkpointed", "efficient")]
+             ("e/checkpointed", "efficient"), ("efficient", "f/fresh-pages")]
     for a, b in pairs:
         if a in res and b in res:
             print(f"{a} / {b}: {res[a]['images_per_second'] / res[b]['images_per_second']:.2f}x images/s, "

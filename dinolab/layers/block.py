@@ -75,7 +75,9 @@ class Block(nn.Module):
         """Add ``branch`` of the packed groups to each group, with the configured drop path."""
         if self.training and self.drop_path > 0 and self.drop_path_mode == "efficient":
             idx = [subset_indices(x.shape[0], self.drop_path, x.device) for x in xs]
-            flat, shapes = _pack([x[i] for x, i in zip(xs, idx)])
+            # index_select, not x[i]: its backward is an index_add (0.24 ms for a [16, 257, 384] group here),
+            # where indexing's is an accumulating index_put (2.9 ms)
+            flat, shapes = _pack([x.index_select(0, i) for x, i in zip(xs, idx)])
             res = _unpack(branch(flat, shapes), shapes)
             return [
                 x.index_add(0, i, r.to(x.dtype), alpha=x.shape[0] / len(i)) for x, i, r in zip(xs, idx, res)

@@ -48,6 +48,7 @@ from dinolab.distributed.fsdp import parallelize, unwrap, unwrapped_side
 from dinolab.io import atomic_write_json, atomic_write_text
 from dinolab.models.checkpoints import save_backbone
 from dinolab.train.checkpointer import Checkpointer, load_meta_weights, read_model_state
+from dinolab.train.host_memory import keep_freed_memory
 from dinolab.models.vit import DinoVisionTransformer
 from dinolab.train.meta_arch import SSLMetaArch
 from dinolab.train.monitor import KnnMonitor
@@ -375,6 +376,8 @@ def _check_sources(cfg: Config) -> None:
 
 def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, env: DistEnv) -> dict:
     _check_sources(cfg)
+    if cfg.train.keep_freed_memory:
+        keep_freed_memory()
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir, cfg.train.keep_last)
     latest = ckpt.latest() if resume else None

@@ -111,7 +111,7 @@ class SSLMetaArch(nn.Module):
 
     def _ibot_tokens(self, patch_tokens: torch.Tensor, batch: dict) -> torch.Tensor:
         """Patch tokens [2B, N, D] -> the tokens iBOT compares [M, D] (the masked ones)."""
-        return patch_tokens.flatten(0, 1)[batch["mask_indices"]]
+        return patch_tokens.flatten(0, 1).index_select(0, batch["mask_indices"])  # backward: index_add
 
     def _ibot_weights(self, batch: dict) -> torch.Tensor:
         """[M] weight of each iBOT token: 1 / (#compared tokens of its image)."""
