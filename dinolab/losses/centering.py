@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dinolab.cache_blocks import block_rows
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -82,7 +84,7 @@ def sinkhorn_knopp(
     # Every element-wise pass runs over a few rows at a time (they stay in cache); the prototype sums are one
     # streaming column reduction per iteration.
     q = torch.empty(n_rows, n_protos, dtype=torch.float32, device=device)
-    rows = _chunk_rows(n_protos)
+    rows = block_rows(n_protos)
     for start in range(0, n_rows, rows):
         q[start : start + rows].copy_(teacher_logits[start : start + rows]).sub_(shift).div_(teacher_temp).exp_()
     total = q.sum()
@@ -106,11 +108,6 @@ def sinkhorn_knopp(
         q /= total
         q *= n_total
     return q
-
-
-def _chunk_rows(n_columns: int) -> int:
-    """Rows per element-wise block: about 2^19 floats (2 MB, an L2 cache), at least one row."""
-    return max(1, 2**19 // max(1, n_columns))
 
 
 # largest exponent after the shift: e^60 ~ 1e26 leaves room for summing ~1e12 entries below fp32's 3.4e38

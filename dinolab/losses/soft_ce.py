@@ -7,8 +7,8 @@ an fp32 ``log_softmax`` of that [M, K] matrix alive until the backward (~0.3 GB 
 temporary also page-faults on first touch: measured 19 ms for one division that takes 0.8 ms on a
 2 MB block that stays in cache).
 
-Here the forward works through a few rows at a time in one reused fp32 buffer of about ``CHUNK_FLOATS``
-floats, so every pass over a chunk stays in the CPU's cache, and keeps only the logits (in their own
+Here the forward works through a few rows at a time in one reused fp32 buffer (``dinolab.cache_blocks``),
+so every pass over a chunk stays in the CPU's cache, and keeps only the logits (in their own
 dtype), the targets and two numbers per row (the log-sum-exp and the target mass). The backward
 rebuilds the softmax of each chunk from the saved log-sum-exp. Values and gradients equal the plain fp32
 expression.
@@ -18,13 +18,7 @@ from __future__ import annotations
 
 import torch
 
-# floats per chunk buffer: 2^19 x 4 B = 2 MB, one L2 cache of the 2-core CPU this was tuned on
-CHUNK_FLOATS = 2**19
-
-
-def default_chunk_rows(n_columns: int) -> int:
-    """Rows per chunk for ``n_columns`` columns: a ``CHUNK_FLOATS``-float buffer (8 rows at K = 65,536)."""
-    return max(1, CHUNK_FLOATS // max(1, n_columns))
+from dinolab.cache_blocks import block_rows
 
 
 class _SoftTargetCrossEntropy(torch.autograd.Function):
@@ -78,7 +72,7 @@ def soft_cross_entropy(
         logits: [N, K] any float dtype (bf16 under autocast); gradients flow into it, in its dtype.
         targets: [N, K] target distributions (no gradient).
         temp: temperature dividing the logits (the student's, 0.1).
-        chunk_rows: rows processed at a time (default: ``default_chunk_rows(K)``, a 2 MB block).
+        chunk_rows: rows processed at a time (default: ``dinolab.cache_blocks.block_rows(K)``).
 
     Returns:
         [N] fp32 cross-entropies.
@@ -89,7 +83,7 @@ def soft_cross_entropy(
             f"{tuple(logits.shape)} and {tuple(targets.shape)}"
         )
     if chunk_rows is None:
-        chunk_rows = default_chunk_rows(logits.shape[1])
+        chunk_rows = block_rows(logits.shape[1])
     if chunk_rows < 1:
         raise ValueError(f"soft_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
     return _SoftTargetCrossEntropy.apply(logits, targets.detach(), float(temp), int(chunk_rows))

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from dinolab.cache_blocks import block_rows as cache_block_rows
+
 # official key suffix -> parametrized key suffix (g: magnitude [K, 1], v: direction [K, bottleneck])
 _OFFICIAL_TO_PARAMETRIZED = {
     "last_layer.weight_g": "last_layer.parametrizations.weight.original0",
@@ -141,7 +143,7 @@ def weight_normalized_linear(
         x: [N, D] inputs.
         direction: [K, D] weight directions ``v``.
         magnitude: [K, 1] weight norms ``g``.
-        block_rows: rows of ``direction`` per element-wise block (default: about 2^19 values).
+        block_rows: rows of ``direction`` per element-wise block (default: ``dinolab.cache_blocks.block_rows``).
 
     Returns:
         [N, K] logits in the compute dtype (the autocast dtype under autocast, else ``x``'s).
@@ -157,7 +159,7 @@ def weight_normalized_linear(
     else:
         compute_dtype = torch.promote_types(x.dtype, direction.dtype)
     if block_rows is None:
-        block_rows = max(1, 2**19 // max(1, direction.shape[1]))
+        block_rows = cache_block_rows(direction.shape[1])
     lead = x.shape[:-1]
     with torch.autocast(device_type, enabled=False):
         out = _WeightNormalizedLinear.apply(x.reshape(-1, x.shape[-1]), direction, magnitude, compute_dtype, block_rows)
