@@ -9,7 +9,8 @@ Every variant runs in a fresh subprocess (its own peak RSS). Compared:
     (a) packing alone, (b) drop-path flavour alone at d=0.4, (c) precision alone, (d) torch.compile,
     (e) activation checkpointing of the student's blocks (memory for recomputation),
     (f) glibc giving freed memory back to the kernel (``train.keep_freed_memory=false``; every other
-        variant keeps it for reuse, as ``dinolab train`` does by default)
+        variant keeps it for reuse, as ``dinolab train`` does by default),
+    (g) all packed crops attending in one nested-jagged SDPA call (``train.varlen_attention``, for CUDA)
 
 and the efficient step's achieved FLOP/s (counted by torch.utils.flop_counter) as a fraction of
 this machine's bf16 GEMM peak, measured here.
@@ -29,16 +30,19 @@ import subprocess
 import sys
 import time
 
+# the efficient path; each variant changes some of it
+EFFICIENT = dict(pack_crops=True, drop_path_mode="efficient", precision="bf16", compile=False,
+                 activation_checkpointing=False, keep_freed_memory=True, varlen_attention=False)
 VARIANTS = {
-    # name: (pack_crops, drop_path_mode, precision, compile, activation_checkpointing, keep_freed_memory)
-    "naive": (False, "mask", "fp32", False, False, True),
-    "efficient": (True, "efficient", "bf16", False, False, True),
-    "a/separate": (False, "efficient", "bf16", False, False, True),
-    "b/masked-dp": (True, "mask", "bf16", False, False, True),
-    "c/fp32": (True, "efficient", "fp32", False, False, True),
-    "d/compiled": (True, "efficient", "bf16", True, False, True),
-    "e/checkpointed": (True, "efficient", "bf16", False, True, True),
-    "f/fresh-pages": (True, "efficient", "bf16", False, False, False),
+    "naive": dict(pack_crops=False, drop_path_mode="mask", precision="fp32"),
+    "efficient": {},
+    "a/separate": dict(pack_crops=False),
+    "b/masked-dp": dict(drop_path_mode="mask"),
+    "c/fp32": dict(precision="fp32"),
+    "d/compiled": dict(compile=True),
+    "e/checkpointed": dict(activation_checkpointing=True),
+    "f/fresh-pages": dict(keep_freed_memory=False),
+    "g/varlen-attn": dict(varlen_attention=True),
 }
 
 
@@ -106,18 +110,20 @@ def run_variant(name: str, arch: str, batch: int, steps: int, drop_path: float, 
     from dinolab.train.schedules import schedule_values
     from dinolab.train.step import train_step
 
-    pack, dp_mode, precision, compile_blocks, checkpointing, keep_memory = VARIANTS[name]
-    if keep_memory:
+    v = {**EFFICIENT, **VARIANTS[name]}
+    precision = v["precision"]
+    if v["keep_freed_memory"]:
         keep_freed_memory()
     cfg = load_config(None, [
         f"student.arch={arch}", "student.patch_size=14", f"student.drop_path_rate={drop_path}",
-        f"student.drop_path_mode={dp_mode}", "crops.global_crops_size=224", "crops.local_crops_size=98",
-        "crops.local_crops_number=8", f"train.pack_crops={pack}", f"train.batch_size_per_gpu={batch}",
-        f"train.activation_checkpointing={checkpointing}",
+        f"student.drop_path_mode={v['drop_path_mode']}", "crops.global_crops_size=224", "crops.local_crops_size=98",
+        "crops.local_crops_number=8", f"train.pack_crops={v['pack_crops']}", f"train.batch_size_per_gpu={batch}",
+        f"train.activation_checkpointing={v['activation_checkpointing']}",
+        f"train.varlen_attention={v['varlen_attention']}",
     ])
     torch.manual_seed(0)
     meta = SSLMetaArch(cfg)
-    if compile_blocks:
+    if v["compile"]:
         from dinolab.train.loop import compile_backbones
 
         compile_backbones(meta)
@@ -173,7 +179,7 @@ def main() -> None:
         print(f"{name:12s} {r['images_per_second']:7.2f} images/s  {r['seconds_per_step']:7.2f} s/step  {r['peak_rss_mb']:7.0f} MB peak RSS")
     pairs = [("efficient", "naive"), ("efficient", "a/separate"), ("efficient", "b/masked-dp"),
              ("efficient", "c/fp32"), ("d/compiled", "efficient"), ("e/checkpointed", "naive"),
-             ("e/checkpointed", "efficient"), ("efficient", "f/fresh-pages")]
+             ("e/checkpointed", "efficient"), ("efficient", "f/fresh-pages"), ("g/varlen-attn", "efficient")]
     for a, b in pairs:
         if a in res and b in res:
             print(f"{a} / {b}: {res[a]['images_per_second'] / res[b]['images_per_second']:.2f}x images/s, "

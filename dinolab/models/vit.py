@@ -120,6 +120,11 @@ class DinoVisionTransformer(nn.Module):
         for blk in self.blocks:
             blk.attn.fused_attn = enabled
 
+    def set_varlen_attention(self, enabled: bool) -> None:
+        """Packed groups attend in one variable-length call (see ``dinolab.layers.attention``)."""
+        for blk in self.blocks:
+            blk.attn.varlen = enabled
+
     # ---------------------------------------------------------------- tokens
     def interpolate_pos_encoding(self, n_tokens: int, h: int, w: int) -> torch.Tensor:
         """Position embeddings [1, 1 + (h/p)*(w/p), D] for an input of h x w pixels.

@@ -46,6 +46,7 @@ def build_student_backbone(cfg: Config) -> DinoVisionTransformer:
     overrides.update({k: getattr(s, k) for k in ("embed_dim", "depth", "num_heads") if getattr(s, k) is not None})
     backbone = build_backbone(s.arch, weights=s.pretrained_weights, **overrides)
     backbone.activation_checkpointing = cfg.train.activation_checkpointing  # no effect without autograd (teacher)
+    backbone.set_varlen_attention(cfg.train.varlen_attention)  # only packed groups use it (the student's)
     return backbone
 
 

@@ -106,6 +106,27 @@ def test_packed_groups_equal_separate_forwards():
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
 
 
+def test_varlen_attention_equals_per_group_attention_values_and_gradients():
+    # one nested-jagged SDPA over all packed sequences (CUDA's varlen kernel) = one call per group;
+    # float64, so that the two summation orders agree to 1e-10
+    g, l = torch.randn(3, 3, 56, 56, dtype=torch.float64), torch.randn(5, 3, 28, 28, dtype=torch.float64)
+    masks = torch.rand(3, 16) < 0.3
+    results = []
+    for varlen in (False, True):
+        m = tiny(num_register_tokens=1).double().train()
+        m.set_varlen_attention(varlen)
+        out = m.forward_features([g, l], [masks, None])
+        (out[0]["x_norm_patchtokens"].square().sum() + out[1]["x_norm_clstoken"].sum()).backward()
+        results.append((out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (per_group, grads_a), (varlen, grads_b) = results
+    for a, b in zip(per_group, varlen):
+        for k in ("x_norm_clstoken", "x_norm_patchtokens"):
+            torch.testing.assert_close(a[k], b[k], atol=1e-10, rtol=1e-10)
+    assert grads_a.keys() == grads_b.keys() and "blocks.0.attn.qkv.weight" in grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-10, rtol=1e-10)
+
+
 def test_efficient_drop_path_expectation_equals_plain_residual():
     torch.manual_seed(1)
     m = tiny(depth=1, drop_path_rate=0.5, drop_path_mode="efficient")

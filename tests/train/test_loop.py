@@ -156,6 +156,18 @@ def test_compiled_blocks_give_the_same_losses(data, tmp_path):
         assert compiled[it] == pytest.approx(eager[it], abs=1e-4)
 
 
+def test_varlen_attention_gives_the_same_losses(data, tmp_path):
+    # train.varlen_attention reaches the student's attention and changes no loss value
+    meta = SSLMetaArch(load_config("cpu", TINY + ["train.varlen_attention=true"]))
+    assert all(blk.attn.varlen for blk in meta.student.backbone.blocks)
+    for flag in ("false", "true"):
+        train(tiny_cfg(data, f"train.varlen_attention={flag}", "train.max_iters=2"), tmp_path / flag, progress=False)
+    per_group, varlen = losses_by_iteration(tmp_path / "false"), losses_by_iteration(tmp_path / "true")
+    assert sorted(per_group) == sorted(varlen) == [1, 2]
+    for it in per_group:
+        assert varlen[it] == pytest.approx(per_group[it], abs=1e-4)
+
+
 def test_no_resume_starts_from_scratch(data, tmp_path):
     run = tmp_path / "run"
     train(tiny_cfg(data, "train.checkpoint_every=1"), run, progress=False)  # 6 iterations, last 3 kept
