@@ -201,7 +201,7 @@ class TrainConfig:
     pack_crops: bool = True  # global + local crops through each block in one packed pass (paper §5)
     varlen_attention: bool = False  # packed crops attend in one nested-jagged SDPA call (CUDA's varlen FlashAttention); 12x slower on CPU
     activation_checkpointing: bool = False  # recompute the student's block activations in the backward: 0.77x peak memory, 0.89x images/s (ViT-S/14 bench)
-    compile: bool = False  # torch.compile each block: 1.21x on a 2-core CPU (ViT-S/14 step), ~1 min to compile
+    compile: bool = False  # torch.compile each block: 0.94-1.05x on a 2-core CPU (ViT-S/14 bench step, this round), compiles in the first step
     keep_freed_memory: bool = True  # glibc keeps freed host memory for the next step (no fresh page faults): 1.07x on a 2-core CPU
     device: str = "auto"
     distributed: str = "fsdp"  # under torchrun with >1 process: "fsdp" (FSDP2, sharded) or "ddp" (replicated)

@@ -86,7 +86,7 @@ def steps(meta, optimizer, cfg, batches, start: int = 0, clip: bool = True) -> l
     """``train_step`` on each batch; ``clip=False`` keeps the raw (rank-averaged) gradients to compare."""
     sched_cfg = schedule_config(cfg, B)
     clip_grad = cfg.optim.clip_grad if clip else 0.0
-    return [train_step(meta, optimizer, b, schedule_values(sched_cfg, i), i, "fp32", clip_grad)
+    return [train_step(meta, optimizer, b, schedule_values(sched_cfg, i), i, "fp32", clip_grad, keep_grads=True)
             for i, b in enumerate(batches, start=start)]
 
 
