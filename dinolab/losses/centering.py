@@ -93,11 +93,10 @@ def sinkhorn_knopp(
     for it in range(n_iterations):
         proto_mass = q.sum(dim=0)  # [K]: mass per prototype, over all ranks
         _all_reduce(proto_mass, group)
-        if it == 0:  # the pseudocode's first "Q /= sum(Q)", folded into this pass
-            proto_mass /= total
-        proto_scale = proto_mass.clamp_min_(tiny).mul_(n_protos).reciprocal_()  # Q /= row sums; Q /= K
-        if it == 0:
-            proto_scale /= total
+        # Q /= row sums; Q /= K. q is not yet divided by the pseudocode's first "Q /= sum(Q)": on the first pass
+        # that division is folded into this one (the mass is taken of Q / total, the scale applied to q / total)
+        unapplied = total if it == 0 else 1.0
+        proto_scale = proto_mass.div_(unapplied).clamp_min_(tiny).mul_(n_protos * unapplied).reciprocal_()
         last = it == n_iterations - 1
         for start in range(0, n_rows, rows):
             block = q[start : start + rows].mul_(proto_scale)

@@ -140,13 +140,13 @@ def weight_normalized_linear(
     normalised in fp32 and cast once), as the parametrized layer does.
 
     Args:
-        x: [N, D] inputs.
+        x: [..., D] inputs.
         direction: [K, D] weight directions ``v``.
         magnitude: [K, 1] weight norms ``g``.
         block_rows: rows of ``direction`` per element-wise block (default: ``dinolab.cache_blocks.block_rows``).
 
     Returns:
-        [N, K] logits in the compute dtype (the autocast dtype under autocast, else ``x``'s).
+        [..., K] logits in the compute dtype (the autocast dtype under autocast, else the promoted input dtype).
     """
     if x.shape[-1] != direction.shape[1] or magnitude.shape != (direction.shape[0], 1):
         raise ValueError(

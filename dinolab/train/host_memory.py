@@ -4,8 +4,9 @@ glibc's ``malloc`` serves every allocation above 32 MB (and, before its threshol
 with a fresh ``mmap`` and gives it back to the kernel on ``free``. A training step allocates and frees
 the same large tensors every iteration (activations, the [tokens x 65,536] head logits and targets), so
 each iteration touches fresh pages again: one page fault per 4 kB, with the kernel zeroing each page.
-Measured on the 2-core CPU of this project: an element-wise op on a freshly allocated 64 MB tensor took
-19 ms, 0.8 ms on reused memory; the ViT-S/14 DINOv2 step went from 2.0 s to 1.87 s with this setting.
+Measured on the 2-core CPU of this project: a division of a 64 MB tensor took 19 ms into a freshly
+allocated result, 2.7 ms into reused memory; the ViT-S/14 DINOv2 bench step runs 1.12-1.17x faster with
+this setting (``python bench/train_step.py --only efficient f/fresh-pages``).
 
 ``keep_freed_memory()`` tells glibc (``mallopt``) to serve large blocks from its heap and never trim it,
 the effect the PyTorch CPU performance guide gets by preloading jemalloc or tcmalloc. Freed memory is
