@@ -68,9 +68,17 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) 
     return DistEnv(dist.get_rank(), dist.get_world_size(), local, created_group=True)
 
 
-def shutdown(env: DistEnv) -> None:
-    """Destroy the process group if ``env`` created it."""
+def shutdown(env: DistEnv, synchronize: bool = False) -> None:
+    """Destroy the process group if ``env`` created it.
+
+    ``synchronize`` (for the normal end of a job, when every rank gets here): a barrier first, so that no rank
+    tears down its gloo connections while a peer still uses them; a gloo process whose peer closed a pair
+    under it can abort ("terminate called without an active exception", seen now and then in the 2-rank
+    tests under load). Without it (the path of an exception) nothing waits for ranks that may not come.
+    """
     if env.created_group and is_initialized():
+        if synchronize and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -361,9 +361,12 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = True, progress: bool 
     """
     env = init_distributed(backend="gloo" if cfg.train.device == "cpu" else None)  # auto: NCCL where CUDA is
     try:
-        return _train(cfg, Path(run_dir), resume, progress, env)
-    finally:
+        summary = _train(cfg, Path(run_dir), resume, progress, env)
+    except BaseException:
         shutdown(env)
+        raise
+    shutdown(env, synchronize=True)
+    return summary
 
 
 def _check_sources(cfg: Config) -> None:

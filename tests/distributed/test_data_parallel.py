@@ -164,7 +164,7 @@ def two_rank_worker(rank: int, out_dir: str) -> None:
     results["fsdp_bf16_loss1"] = mean_over_ranks(bf16)
     if rank == 0:
         torch.save(results, f"{out_dir}/two_ranks.pt")
-    shutdown(env)
+    shutdown(env, synchronize=True)
 
 
 @pytest.fixture(scope="module")
