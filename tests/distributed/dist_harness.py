@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import torch
 import torch.multiprocessing as mp
@@ -35,6 +36,8 @@ def run_ranks(fn, world_size: int, *args, attempts: int = 3) -> None:
             mp.start_processes(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True,
                                start_method="spawn")
             return
-        except mp.ProcessExitedException:
+        except mp.ProcessExitedException as exc:
             if attempt == attempts - 1:
                 raise
+            # visible in pytest's warnings summary, so that the rate of this flake can be followed
+            warnings.warn(f"a rank died ({exc}); starting the {world_size} ranks again", RuntimeWarning, stacklevel=2)
