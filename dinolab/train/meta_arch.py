@@ -193,8 +193,7 @@ class SSLMetaArch(nn.Module):
         pairs = [(t, s) for t, s in zip(self.ema.parameters(), self.student.parameters()) if s.requires_grad]
         t = local_tensors(t for t, _ in pairs)
         s = local_tensors(s.detach() for _, s in pairs)
-        torch._foreach_mul_(t, momentum)
-        torch._foreach_add_(t, s, alpha=1.0 - momentum)
+        torch._foreach_lerp_(t, s, 1.0 - momentum)  # t + (1 - m)(s - t): one pass over the teacher, not two
 
 
 def _nonfinite_everywhere(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
