@@ -147,25 +147,20 @@ def test_ema_update_formula():
         torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * s0)
 
 
-def test_compiled_blocks_give_the_same_losses(data, tmp_path):
+@pytest.mark.parametrize("option", ["train.compile", "train.varlen_attention"])
+def test_execution_options_give_the_same_losses(data, tmp_path, option):
+    # compiled blocks, or all packed crops in one variable-length attention call: the same computation
     for flag in ("false", "true"):
-        train(tiny_cfg(data, f"train.compile={flag}", "train.max_iters=2"), tmp_path / flag, progress=False)
-    eager, compiled = losses_by_iteration(tmp_path / "false"), losses_by_iteration(tmp_path / "true")
-    assert sorted(eager) == sorted(compiled) == [1, 2]
-    for it in eager:
-        assert compiled[it] == pytest.approx(eager[it], abs=1e-4)
+        train(tiny_cfg(data, f"{option}={flag}", "train.max_iters=2"), tmp_path / flag, progress=False)
+    off, on = losses_by_iteration(tmp_path / "false"), losses_by_iteration(tmp_path / "true")
+    assert sorted(off) == sorted(on) == [1, 2]
+    for it in off:
+        assert on[it] == pytest.approx(off[it], abs=1e-4)
 
 
-def test_varlen_attention_gives_the_same_losses(data, tmp_path):
-    # train.varlen_attention reaches the student's attention and changes no loss value
+def test_varlen_attention_reaches_the_students_attention():
     meta = SSLMetaArch(load_config("cpu", TINY + ["train.varlen_attention=true"]))
     assert all(blk.attn.varlen for blk in meta.student.backbone.blocks)
-    for flag in ("false", "true"):
-        train(tiny_cfg(data, f"train.varlen_attention={flag}", "train.max_iters=2"), tmp_path / flag, progress=False)
-    per_group, varlen = losses_by_iteration(tmp_path / "false"), losses_by_iteration(tmp_path / "true")
-    assert sorted(per_group) == sorted(varlen) == [1, 2]
-    for it in per_group:
-        assert varlen[it] == pytest.approx(per_group[it], abs=1e-4)
 
 
 def test_no_resume_starts_from_scratch(data, tmp_path):
