@@ -7,8 +7,54 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _GeluLinear(torch.autograd.Function):
+    """``gelu(h) @ W.T + b`` that saves ``h`` only and recomputes ``gelu(h)`` in the backward.
+
+    Autograd would keep both the GELU input and its output ([tokens, 4D] each, 14 MB per ViT-S/14 block at
+    the bench step's 4,520 tokens in bf16); recomputing the GELU costs ~0.6 ms per block.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, compute_dtype):
+        h = h.to(compute_dtype)
+        weight_c = weight.to(compute_dtype)
+        bias_c = None if bias is None else bias.to(compute_dtype)
+        ctx.save_for_backward(h, weight_c)
+        ctx.has_bias, ctx.weight_dtype = bias is not None, weight.dtype
+        return F.linear(F.gelu(h), weight_c, bias_c)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight_c = ctx.saved_tensors
+        grad_out = grad_out.to(weight_c.dtype)
+        flat_grad, flat_act = grad_out.reshape(-1, grad_out.shape[-1]), F.gelu(h).reshape(-1, h.shape[-1])
+        grad_weight = (flat_grad.t() @ flat_act).to(ctx.weight_dtype)
+        grad_bias = flat_grad.sum(0).to(ctx.weight_dtype) if ctx.has_bias else None
+        grad_h = torch.ops.aten.gelu_backward(grad_out @ weight_c, h)
+        return grad_h, grad_weight, grad_bias, None
+
+
+def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(F.gelu(h), weight, bias)`` (exact GELU) keeping only ``h`` for the backward.
+
+    Under autocast the product runs in the autocast dtype, as ``F.linear`` would.
+    Shapes: h [..., H], weight [D, H], bias [D] -> [..., D].
+    """
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(h.dtype, weight.dtype)
+    with torch.autocast(device_type, enabled=False):
+        return _GeluLinear.apply(h, weight, bias, dtype)
+
+
 class Mlp(nn.Module):
-    """fc1 -> GELU -> fc2 (official keys ``fc1``, ``fc2``)."""
+    """fc1 -> GELU -> fc2 (official keys ``fc1``, ``fc2``).
+
+    When gradients are recorded, GELU and ``fc2`` run as ``gelu_linear``, which keeps one activation
+    per block instead of two for the backward.
+    """
 
     def __init__(self, in_features: int, hidden_features: int, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
@@ -17,7 +63,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, in_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        if torch.is_grad_enabled() and isinstance(self.act, nn.GELU) and self.act.approximate == "none":
+            return gelu_linear(h, self.fc2.weight, self.fc2.bias)
+        return self.fc2(self.act(h))
 
 
 def swiglu_hidden_features(hidden_features: int) -> int:
