@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import time
 from contextlib import contextmanager
@@ -58,7 +59,9 @@ from dinolab.train.step import train_step
 
 # Settings that may change between a run and its resume without changing its results.
 _RESUME_FREE = {"train.max_iters", "train.num_workers", "train.log_every", "train.device", "train.knn_every",
-                "train.distributed"}
+                "train.distributed",
+                # how the same step is executed (a resumed run may need another, e.g. no C++ compiler there)
+                "train.compile", "train.keep_freed_memory", "train.varlen_attention", "train.activation_checkpointing"}
 
 
 # ------------------------------------------------------------------ setup
@@ -174,12 +177,25 @@ def build_meta_arch(cfg: Config) -> SSLMetaArch:
     return SSLMetaArch(cfg)
 
 
-def compile_backbones(meta: SSLMetaArch) -> None:
-    """``torch.compile`` every transformer block of every backbone in place (``train.compile``)."""
+def compile_backbones(meta: SSLMetaArch, device: torch.device | None = None) -> None:
+    """``torch.compile`` every transformer block of every backbone in place (``train.compile``).
+
+    On CPU, inductor compiles C++: without a compiler on the PATH this stops here, in one line.
+    """
+    if device is not None and device.type == "cpu" and not _cpp_compiler():
+        raise ValueError("train.compile=true needs a C++ compiler on CPU (g++ or c++ on the PATH, or $CXX): "
+                           "install one, or set train.compile=false")
     for module in meta.modules():
         if isinstance(module, DinoVisionTransformer):
             for blk in module.blocks:
                 blk.compile(dynamic=False)
+
+
+def _cpp_compiler() -> str | None:
+    import shutil
+
+    return next((path for name in (os.environ.get("CXX"), "g++", "c++", "clang++") if name
+                 for path in [shutil.which(name)] if path), None)
 
 
 def build_optimizer(meta: SSLMetaArch, cfg: Config) -> torch.optim.AdamW:
@@ -405,7 +421,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, env: DistEn
         load_meta_weights(meta, read_model_state(cfg.train.init_from), name=f"train.init_from={cfg.train.init_from}")
     parallelize(meta, cfg.train.distributed, device, precision)
     if cfg.train.compile:
-        compile_backbones(meta)
+        compile_backbones(meta, device)
     if env.distributed:
         torch.manual_seed(cfg.train.seed + 1 + env.rank)  # each rank draws its own drop-path subsets
     optimizer = build_optimizer(meta, cfg)

@@ -23,7 +23,7 @@ TINY = [
     "crops.global_crops_size=16", "crops.local_crops_size=8", "crops.local_crops_number=2",
     "train.batch_size_per_gpu=4", "train.num_workers=0", "train.log_every=1", "train.knn_every=0",
     "train.checkpoint_every=0", "train.precision=fp32", "optim.epoch_length=3", "optim.epochs=2",
-    "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1",
+    "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1", "train.compile=false",
 ]
 MODES = ("fsdp", "ddp")
 

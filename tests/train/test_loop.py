@@ -121,6 +121,10 @@ def test_resume_with_another_config_is_refused(data, tmp_path):
     train(tiny_cfg(data, "train.max_iters=1"), tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match=r"another config \(optim.base_lr"):
         train(tiny_cfg(data, "optim.base_lr=0.5"), tmp_path / "run", progress=False)
+    # how the same step runs may change (e.g. a machine without a C++ compiler): the run resumes
+    summary = train(tiny_cfg(data, "train.max_iters=2", "train.keep_freed_memory=false", "train.varlen_attention=true"),
+                    tmp_path / "run", progress=False)
+    assert summary["iterations"] == 2
 
 
 def test_bad_config_is_one_line_before_any_work(tmp_path, capsys):
@@ -156,6 +160,12 @@ def test_execution_options_give_the_same_losses(data, tmp_path, option):
     assert sorted(off) == sorted(on) == [1, 2]
     for it in off:
         assert on[it] == pytest.approx(off[it], abs=1e-4)
+
+
+def test_compile_without_a_cpp_compiler_is_one_clear_error(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop_module, "_cpp_compiler", lambda: None)
+    with pytest.raises(ValueError, match="C\\+\\+ compiler"):
+        train(tiny_cfg(data, "train.compile=true", "train.max_iters=1"), tmp_path / "r", progress=False)
 
 
 def test_varlen_attention_reaches_the_students_attention():

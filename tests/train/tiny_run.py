@@ -11,4 +11,5 @@ TINY_RUN = [
     "train.batch_size_per_gpu=8", "train.num_workers=0", "train.log_every=1", "train.knn_every=0",
     "train.checkpoint_every=0", "train.precision=fp32", "optim.epoch_length=3",
     "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1", "teacher.teacher_temp=0.07",
+    "train.compile=false",  # the cpu preset compiles; a tiny run would spend its time compiling
 ]
