@@ -199,10 +199,10 @@ class TrainConfig:
     knn_image_size: int | None = None  # None: crops.global_crops_size
     max_iters: int | None = None  # stop early (e.g. a smoke run) without changing the schedules
     pack_crops: bool = True  # global + local crops through each block in one packed pass (paper §5)
-    varlen_attention: bool = False  # packed crops attend in one nested-jagged SDPA call (CUDA's varlen FlashAttention); 12x slower on CPU
+    varlen_attention: bool = False  # packed crops attend in one nested-jagged SDPA call (CUDA's varlen FlashAttention); on CPU 0.5x the step
     activation_checkpointing: bool = False  # recompute the student's block activations in the backward: 0.72-0.81x peak memory, 0.81-0.88x images/s (ViT-S/14 bench)
     compile: bool = False  # torch.compile each block: 0.81-1.14x over 5 runs on a 2-core CPU (ViT-S/14 bench step), compiles in the first step
-    keep_freed_memory: bool = True  # glibc keeps freed host memory for the next step (no fresh page faults): 1.07x on a 2-core CPU
+    keep_freed_memory: bool = True  # glibc keeps freed host memory for the next step (no fresh page faults): 1.12-1.25x on a 2-core CPU
     device: str = "auto"
     distributed: str = "fsdp"  # under torchrun with >1 process: "fsdp" (FSDP2, sharded) or "ddp" (replicated)
     init_from: str | None = None  # start a new run from a dinolab checkpoint (student, teacher, heads)

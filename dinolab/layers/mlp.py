@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinolab.layers.precision import compute_dtype
+
 
 class _GeluLinear(torch.autograd.Function):
     """``gelu(h) @ W.T + b`` that saves ``h`` only and recomputes ``gelu(h)`` in the backward.
@@ -15,10 +17,10 @@ class _GeluLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, compute_dtype):
-        h = h.to(compute_dtype)
-        weight_c = weight.to(compute_dtype)
-        bias_c = None if bias is None else bias.to(compute_dtype)
+    def forward(ctx, h, weight, bias, dtype):
+        h = h.to(dtype)
+        weight_c = weight.to(dtype)
+        bias_c = None if bias is None else bias.to(dtype)
         ctx.save_for_backward(h, weight_c)
         ctx.has_bias, ctx.weight_dtype = bias is not None, weight.dtype
         return F.linear(F.gelu(h), weight_c, bias_c)
@@ -40,12 +42,8 @@ def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     Under autocast the product runs in the autocast dtype, as ``F.linear`` would.
     Shapes: h [..., H], weight [D, H], bias [D] -> [..., D].
     """
-    device_type = h.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = torch.promote_types(h.dtype, weight.dtype)
-    with torch.autocast(device_type, enabled=False):
+    dtype = compute_dtype(h, weight)
+    with torch.autocast(h.device.type, enabled=False):
         return _GeluLinear.apply(h, weight, bias, dtype)
 
 

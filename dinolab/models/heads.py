@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from dinolab.cache_blocks import block_rows as cache_block_rows
+from dinolab.layers.precision import compute_dtype
 
 # official key suffix -> parametrized key suffix (g: magnitude [K, 1], v: direction [K, bottleneck])
 _OFFICIAL_TO_PARAMETRIZED = {
@@ -96,16 +97,16 @@ class _WeightNormalizedLinear(torch.autograd.Function):
     the [65,536, 256] prototype matrix of a 2-core CPU, plus two full-size dtype copies)."""
 
     @staticmethod
-    def forward(ctx, x, direction, magnitude, compute_dtype, block_rows):
+    def forward(ctx, x, direction, magnitude, dtype, block_rows):
         n_protos, dim = direction.shape
         acc = torch.promote_types(direction.dtype, torch.float32)  # fp32, or fp64 for fp64 weights
         norm = torch.linalg.vector_norm(direction, dim=1, keepdim=True, dtype=acc)  # [K, 1]
         scale = magnitude.to(acc) / norm  # [K, 1]: g / ||v||
-        weight = torch.empty(n_protos, dim, dtype=compute_dtype, device=direction.device)
+        weight = torch.empty(n_protos, dim, dtype=dtype, device=direction.device)
         for start in range(0, n_protos, block_rows):
             rows = slice(start, start + block_rows)
             weight[rows] = direction[rows] * scale[rows]  # product in the accumulation dtype, cast on assignment
-        x_c = x.to(compute_dtype)
+        x_c = x.to(dtype)
         ctx.save_for_backward(x_c, direction, weight, norm, scale)
         ctx.x_dtype, ctx.magnitude_dtype, ctx.block_rows = x.dtype, magnitude.dtype, block_rows
         return x_c @ weight.t()
@@ -153,16 +154,12 @@ def weight_normalized_linear(
             f"weight_normalized_linear: x [..., {direction.shape[1]}], direction [K, D] and magnitude [K, 1] "
             f"expected, got {tuple(x.shape)}, {tuple(direction.shape)}, {tuple(magnitude.shape)}"
         )
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        compute_dtype = torch.get_autocast_dtype(device_type)
-    else:
-        compute_dtype = torch.promote_types(x.dtype, direction.dtype)
+    dtype = compute_dtype(x, direction)
     if block_rows is None:
         block_rows = cache_block_rows(direction.shape[1])
     lead = x.shape[:-1]
-    with torch.autocast(device_type, enabled=False):
-        out = _WeightNormalizedLinear.apply(x.reshape(-1, x.shape[-1]), direction, magnitude, compute_dtype, block_rows)
+    with torch.autocast(x.device.type, enabled=False):
+        out = _WeightNormalizedLinear.apply(x.reshape(-1, x.shape[-1]), direction, magnitude, dtype, block_rows)
     return out.reshape(*lead, direction.shape[0])
 
 
