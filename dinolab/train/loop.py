@@ -157,6 +157,9 @@ def build_loader(cfg: Config, images: Dataset, rank: int = 0, world_size: int = 
     )
     loader = DataLoader(
         dataset,
+        # its own generator: creating the iterator (and its workers' seeds) must not draw from the global
+        # RNG, which drives drop path and is restored on resume (else a resumed run's drop-path stream shifts)
+        generator=torch.Generator().manual_seed(cfg.train.seed),
         batch_size=cfg.train.batch_size_per_gpu,
         sampler=sampler,
         num_workers=cfg.train.num_workers,
@@ -289,8 +292,14 @@ def _state(meta, optimizer, sampler, iteration, consumed, extra) -> dict:
         "optimizer": optimizer.state_dict(),
         "sampler": sampler.state_dict(consumed=consumed),
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": _cuda_rng_state(),
         "extra": extra,
     }
+
+
+def _cuda_rng_state() -> torch.Tensor | None:
+    """The current CUDA device's RNG state (drop path draws its subsets there on a GPU), or None."""
+    return torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
 
 def _train_state(meta, sampler, iteration, consumed, extra) -> dict:
@@ -300,6 +309,7 @@ def _train_state(meta, sampler, iteration, consumed, extra) -> dict:
         "iteration": iteration,
         "sampler": sampler.state_dict(consumed=consumed),
         "torch_rng": all_gather_objects(torch.get_rng_state()),
+        "cuda_rng": all_gather_objects(_cuda_rng_state()),
         "extra": extra,
         "export_prefix": f"{ema_name}.backbone.",
         "export_arch": unwrap(meta.export_backbone).arch_kwargs,
@@ -334,7 +344,7 @@ def _resume(path: Path, meta, optimizer, sampler: InfiniteSampler, cfg: Config, 
     """Load a checkpoint file or DCP directory into this run (any number of ranks); -> (iteration, extra)."""
     if is_dcp_dir(path):
         state = load_dcp(path, meta, optimizer)
-        rng_states = state["torch_rng"]
+        rng_states, cuda_states = state["torch_rng"], state.get("cuda_rng") or []
     else:
         state = Checkpointer.load(path)
         if env.distributed:
@@ -342,10 +352,12 @@ def _resume(path: Path, meta, optimizer, sampler: InfiniteSampler, cfg: Config, 
         else:
             meta.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-        rng_states = [state["torch_rng"]]
+        rng_states, cuda_states = [state["torch_rng"]], [state.get("cuda_rng")]
     sampler.load_state_dict(resharded_sampler_state(state["sampler"], sampler))
     if len(rng_states) == env.world_size:
         torch.set_rng_state(rng_states[env.rank])
+        if len(cuda_states) == env.world_size and cuda_states[env.rank] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda_states[env.rank])
     else:  # another number of ranks: a fresh stream per rank (drop-path subsets only)
         torch.manual_seed(cfg.train.seed + 1 + env.rank + 1_000_003 * state["iteration"])
     return state["iteration"], state["extra"]

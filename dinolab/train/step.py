@@ -21,11 +21,12 @@ def autocast_context(device: torch.device, precision: str):
 
 
 def check_finite(losses: dict[str, torch.Tensor], iteration: int) -> None:
-    """Stop on a NaN/Inf loss, naming the iteration and the term."""
+    """Stop on a NaN/Inf loss, naming the term and the iteration as the logs and checkpoints count it
+    (``iteration`` is the 0-based step index: the message says ``iteration + 1``)."""
     for name, value in losses.items():
         v = float(value.detach())
         if not math.isfinite(v):
-            raise FloatingPointError(f"loss term '{name}' is {v} at iteration {iteration}")
+            raise FloatingPointError(f"loss term '{name}' is {v} at iteration {iteration + 1}")
 
 
 def train_step(
