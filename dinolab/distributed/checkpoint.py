@@ -18,6 +18,11 @@ directory into a single official-format backbone file (``.pth`` or ``.safetensor
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import io
+import pathlib
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -25,8 +30,11 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import filesystem as dcp_filesystem
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -43,13 +51,105 @@ from dinolab.models.vit import DinoVisionTransformer
 TRAIN_STATE = "train_state.pth"
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file asks to run code (a pickled callable outside the allowed data classes)."""
 
-def _dcp_load(state: dict, **kwargs) -> None:
-    """``dcp.load``, without its warning for a load in one process, which is intended here (resume on one
-    rank, consolidation, a distillation teacher)."""
+
+def _metadata_classes() -> dict[tuple[str, str], object]:
+    """What a DCP ``.metadata`` pickle may name: DCP's own data classes and enums, tensor sizes, dtypes,
+    layouts and paths. Each only builds a value; none runs code chosen by the file."""
+    allowed: dict[tuple[str, str], object] = {}
+    for module in (dcp_metadata, dcp_filesystem):
+        for name, obj in vars(module).items():
+            if isinstance(obj, type) and obj.__module__ == module.__name__ and (
+                dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)
+            ):
+                allowed[(module.__name__, name)] = obj
+    for name, obj in vars(torch).items():
+        if isinstance(obj, torch.dtype):
+            allowed[("torch", name)] = obj
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout  # layout by its name
+    allowed[("collections", "OrderedDict")] = __import__("collections").OrderedDict
+    for name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"):
+        allowed[("pathlib", name)] = getattr(pathlib, name)
+    return allowed
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata; any other global (``os.system``, ``builtins.eval`` ...) is refused."""
+
+    allowed = _metadata_classes()
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise UnsafeCheckpointError(
+                f"refuses to load {module}.{name}: only torch.distributed.checkpoint metadata classes are allowed"
+            ) from None
+
+
+def read_dcp_metadata(path: str | Path) -> Metadata:
+    """The ``.metadata`` of a DCP directory, unpickled without running code from the file.
+
+    Raises:
+        ValueError: unreadable (damaged) or unsafe (names a callable outside DCP's data classes).
+    """
+    path = Path(path)
+    try:
+        with open(path / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except UnsafeCheckpointError as err:
+        raise UnsafeCheckpointError(f"{path}/.metadata is not a safe checkpoint: {err}") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, IndexError) as err:
+        raise ValueError(f"{path}/.metadata is damaged or not DCP metadata ({type(err).__name__}: {err})") from None
+    if not isinstance(metadata, Metadata):
+        raise ValueError(f"{path}/.metadata is not DCP metadata (holds a {type(metadata).__name__})")
+    return metadata
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with the metadata read by :func:`read_dcp_metadata` (its own uses ``pickle.load``)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        if kwargs.get("rank") is not None:  # per-rank metadata files: not written by dinolab
+            raise ValueError(f"{self.path}: per-rank DCP metadata is not supported")
+        metadata = read_dcp_metadata(self.path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner with non-tensor values read by ``torch.load(weights_only=True)`` (its own uses
+    ``weights_only=False``, which runs any pickled callable)."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpointError(
+                f"{read_item.dest_index.fqn}: refused a pickled object ({str(err).splitlines()[0]})"
+            ) from None
+        if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes, with the safe load
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _dcp_load(state: dict, path: str | Path, no_dist: bool) -> None:
+    """``dcp.load`` from ``path`` through the safe reader and planner, without its warning for a load in one
+    process, which is intended here (resume on one rank, consolidation, a distillation teacher)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*assuming the intent is to load in a single process")
-        dcp.load(state, **kwargs)
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), no_dist=no_dist)
+
+
+def load_train_state(path: str | Path) -> dict:
+    """``train_state.pth`` of a DCP directory (plain data: ``weights_only`` safe)."""
+    return torch.load(Path(path) / TRAIN_STATE, map_location="cpu", weights_only=True)
 
 
 def is_dcp_dir(path: str | Path) -> bool:
@@ -80,9 +180,9 @@ def load_dcp(path: str | Path, meta: nn.Module, optimizer: torch.optim.Optimizer
     path = Path(path)
     model_sd, optim_sd = get_state_dict(meta, optimizer)  # also creates the optimizer state to fill
     state = {"model": model_sd, "optimizer": optim_sd}
-    _dcp_load(state, checkpoint_id=str(path), no_dist=not env.is_initialized())
+    _dcp_load(state, path, no_dist=not env.is_initialized())
     set_state_dict(meta, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    return torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
+    return load_train_state(path)
 
 
 def load_full_state(meta: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optimizer_sd: dict) -> None:
@@ -116,8 +216,7 @@ def named_optimizer_state(optimizer_sd: dict, prefix: str) -> dict:
 def read_dcp_tensors(path: str | Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
     """Every tensor of a DCP directory whose key starts with ``prefix`` (the prefix removed), read whole
     by this process alone (no process group needed)."""
-    reader = FileSystemReader(str(path))
-    metadata = reader.read_metadata().state_dict_metadata
+    metadata = read_dcp_metadata(path).state_dict_metadata
     wanted = {
         key: torch.empty(m.size, dtype=m.properties.dtype)
         for key, m in metadata.items()
@@ -125,7 +224,7 @@ def read_dcp_tensors(path: str | Path, prefix: str = "model.") -> dict[str, torc
     }
     if not wanted:
         raise ValueError(f"{path} holds no tensors under {prefix!r}")
-    _dcp_load(wanted, storage_reader=reader, no_dist=True)
+    _dcp_load(wanted, path, no_dist=True)
     return {key[len(prefix) :]: t for key, t in wanted.items()}
 
 
@@ -151,7 +250,7 @@ def consolidate_backbone(dcp_dir: str | Path, out_path: str | Path) -> Path:
     dcp_dir, out_path = Path(dcp_dir), Path(out_path)
     if not is_dcp_dir(dcp_dir):
         raise FileNotFoundError(f"{dcp_dir} is not a DCP checkpoint directory (no .metadata)")
-    state = torch.load(dcp_dir / TRAIN_STATE, map_location="cpu", weights_only=True)
+    state = load_train_state(dcp_dir)
     weights = read_dcp_tensors(dcp_dir, "model." + state["export_prefix"])
     model = DinoVisionTransformer(**state["export_arch"])
     model.load_state_dict(weights)
