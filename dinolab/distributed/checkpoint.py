@@ -148,8 +148,18 @@ def _dcp_load(state: dict, path: str | Path, no_dist: bool) -> None:
 
 
 def load_train_state(path: str | Path) -> dict:
-    """``train_state.pth`` of a DCP directory (plain data: ``weights_only`` safe)."""
-    return torch.load(Path(path) / TRAIN_STATE, map_location="cpu", weights_only=True)
+    """``train_state.pth`` of a DCP directory (plain data: ``weights_only`` safe).
+
+    Raises:
+        UnsafeCheckpointError: the file asks to unpickle something other than tensors and plain data.
+    """
+    file = Path(path) / TRAIN_STATE
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise
+        raise UnsafeCheckpointError(f"{file} is not a safe checkpoint: torch.load(weights_only=True) refused it") from None
 
 
 def is_dcp_dir(path: str | Path) -> bool:

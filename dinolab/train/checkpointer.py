@@ -12,14 +12,22 @@ Layout::
 
 from __future__ import annotations
 
+import pickle
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dinolab.distributed.checkpoint import is_dcp_dir, read_dcp_tensors
+from dinolab.distributed.checkpoint import (
+    UnsafeCheckpointError,
+    is_dcp_dir,
+    load_train_state,
+    read_dcp_metadata,
+    read_dcp_tensors,
+)
 from dinolab.io import atomic_torch_save
 from dinolab.models.checkpoints import resample_pos_embed
 
@@ -42,6 +50,42 @@ class Checkpointer:
         found = self.all()
         return found[-1] if found else None
 
+    def latest_intact(self) -> tuple[Path, dict | None] | None:
+        """The newest checkpoint that reads back, with its state (``None`` for a DCP directory, whose
+        shards are read into the model later); a damaged newer one is named in a warning and skipped.
+
+        Raises:
+            ValueError: a checkpoint that asks to run code (it is refused, not skipped).
+        """
+        for path in reversed(self.all()):
+            try:
+                if is_dcp_dir(path):
+                    read_dcp_metadata(path)
+                    load_train_state(path)
+                    return path, None
+                return path, self.load(path)
+            except UnsafeCheckpointError:
+                raise
+            except (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as err:
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                print(f"warning: checkpoint {path} is damaged ({reason}): resuming from an older one", file=sys.stderr)
+        return None
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Temporary files and directories of writes that a killed process left (``.NAME.*.tmp``, ``dcp_*.tmp/``)
+        in the run directory and its ``checkpoints/``; only the run's own process may call this."""
+        removed = []
+        for folder in (self.dir.parent, self.dir):
+            if not folder.is_dir():
+                continue
+            for p in folder.iterdir():
+                if (p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file()) or (
+                    folder == self.dir and p.name.startswith("dcp_") and p.name.endswith(".tmp") and p.is_dir()
+                ):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                    removed.append(p)
+        return removed
+
     def save(self, state: dict, iteration: int) -> Path:
         path = self.dir / f"ckpt_{iteration:07d}.pth"
         atomic_torch_save(state, path)
@@ -60,8 +104,19 @@ class Checkpointer:
 
     @staticmethod
     def load(path: str | Path) -> dict:
-        """A checkpoint written by :meth:`save` (tensors, numbers, strings: ``weights_only`` safe)."""
-        return torch.load(path, map_location="cpu", weights_only=True)
+        """A checkpoint written by :meth:`save` (tensors, numbers, strings: ``weights_only`` safe).
+
+        Raises:
+            UnsafeCheckpointError: the file asks to unpickle something other than tensors and plain data.
+        """
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if "Weights only load failed" not in str(err):
+                raise  # not a torch file, or a damaged one
+            reason = next((line for line in str(err).splitlines() if "WeightsUnpickler error" in line or
+                           "Unsupported global" in line), str(err).splitlines()[0])
+            raise UnsafeCheckpointError(f"{path} is not a safe checkpoint: {reason.strip()}") from None
 
 
 def run_config_path(checkpoint: str | Path) -> Path:

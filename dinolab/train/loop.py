@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ from dinolab.distributed.checkpoint import gather_backbone, is_dcp_dir, load_dcp
 from dinolab.distributed.env import (
     DistEnv,
     all_gather_objects,
+    barrier,
     init_distributed,
     max_over_ranks,
     mean_over_ranks,
@@ -59,7 +61,7 @@ from dinolab.train.step import train_step
 
 # Settings that may change between a run and its resume without changing its results.
 _RESUME_FREE = {"train.max_iters", "train.num_workers", "train.log_every", "train.device", "train.knn_every",
-                "train.distributed",
+                "train.distributed", "train.checkpoint_every", "train.keep_last",
                 # how the same step is executed (a resumed run may need another, e.g. no C++ compiler there)
                 "train.compile", "train.keep_freed_memory", "train.varlen_attention", "train.activation_checkpointing"}
 
@@ -234,14 +236,17 @@ def _config_diff(saved: Config, new: Config) -> list[str]:
 
 # ------------------------------------------------------------------ logging
 class RunLog:
-    """Metrics as JSON lines (``metrics.jsonl``) and TensorBoard events (``tb/``)."""
+    """Metrics as JSON lines (``metrics.jsonl``) and TensorBoard events (``tb/``).
 
-    def __init__(self, run_dir: Path) -> None:
+    ``purge_step``: on resume, TensorBoard drops the events a killed run wrote past its checkpoint.
+    """
+
+    def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
         self.path = run_dir / "metrics.jsonl"
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
         except ImportError:  # tensorboard is optional at run time
             self.tb = None
 
@@ -254,12 +259,19 @@ class RunLog:
                     self.tb.add_scalar(k, v, record["iteration"])
 
     def records(self) -> list[dict]:
+        """Every complete record; a partial last line (a process killed while writing it) is left out."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        out = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # only the last line can be partial: appends are whole lines otherwise
+        return [r for r in out if isinstance(r, dict) and "iteration" in r]
 
     def truncate_after(self, iteration: int) -> None:
-        """Drop records past ``iteration`` (written after the checkpoint we resume from)."""
+        """Drop records past ``iteration`` (written after the checkpoint we resume from) and any partial line."""
         kept = [r for r in self.records() if r["iteration"] <= iteration]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -340,13 +352,14 @@ def resharded_sampler_state(saved: dict, sampler: InfiniteSampler) -> dict:
     }
 
 
-def _resume(path: Path, meta, optimizer, sampler: InfiniteSampler, cfg: Config, env: DistEnv) -> tuple[int, dict]:
-    """Load a checkpoint file or DCP directory into this run (any number of ranks); -> (iteration, extra)."""
+def _resume(path: Path, state: dict | None, meta, optimizer, sampler: InfiniteSampler, cfg: Config,
+            env: DistEnv) -> tuple[int, dict]:
+    """Load a checkpoint into this run (any number of ranks); -> (iteration, extra). ``state``: the file's
+    content as :meth:`Checkpointer.latest_intact` read it (``None`` for a DCP directory)."""
     if is_dcp_dir(path):
         state = load_dcp(path, meta, optimizer)
         rng_states, cuda_states = state["torch_rng"], state.get("cuda_rng") or []
     else:
-        state = Checkpointer.load(path)
         if env.distributed:
             load_full_state(meta, optimizer, state["model"], state["optimizer"])
         else:
@@ -411,10 +424,16 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, env: DistEn
         keep_freed_memory()
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir, cfg.train.keep_last)
-    latest = ckpt.latest() if resume else None
-    if not resume and env.is_main:  # from scratch: an older run's checkpoints and curves would be mixed in
-        ckpt.prune(keep=0)
+    if env.is_main:
+        ckpt.remove_stale_temps()  # of writes a killed run left behind
+    barrier()  # every rank sees the same checkpoints
+    found = ckpt.latest_intact() if resume else None
+    latest, latest_state = found if found is not None else (None, None)
+    if latest is None and env.is_main:  # from scratch: an older run's checkpoints and curves would be mixed in
+        if not resume:
+            ckpt.prune(keep=0)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)
     if latest is not None:
         saved = load_config(str(run_dir / "config.yaml"))
         diff = _config_diff(saved, cfg)
@@ -441,12 +460,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, env: DistEn
     B = cfg.train.batch_size_per_gpu
     global_batch = B * env.world_size
     sched_cfg = schedule_config(cfg, global_batch)
-    log = RunLog(run_dir) if env.is_main else None
     monitor = _knn_monitor(cfg, device, precision) if env.is_main else None
 
     start, extra = 0, {"knn_top1_init": None, "train_seconds": 0.0}
     if latest is not None:
-        start, extra = _resume(latest, meta, optimizer, sampler, cfg, env)
+        start, extra = _resume(latest, latest_state, meta, optimizer, sampler, cfg, env)
+    log = RunLog(run_dir, purge_step=start + 1 if latest is not None else None) if env.is_main else None
+    if latest is not None:
         if log is not None:
             log.truncate_after(start)
             print(f"resuming {run_dir} from iteration {start} ({latest.name}) on {env.world_size} process(es)")
