@@ -10,7 +10,8 @@ Output (one :class:`~dinolab.curate.stages.Stage` folder)::
 Shard ``s`` covers images ``s * shard_size .. (s + 1) * shard_size - 1`` of the sorted image list,
 so the layout does not depend on the number of ranks. Under ``torchrun`` (``RANK`` and
 ``WORLD_SIZE`` set) rank r embeds shards ``r, r + W, ...``; a restarted run skips finished shards.
-Unreadable files are logged, listed in their shard's marker and skipped.
+Unreadable files (a FIFO, socket or device among them: never opened) are logged, listed in their
+shard's marker and skipped; ``outputs.num_skipped`` counts them.
 Memory: one shard of embeddings (``shard_size x D``) plus the model and one batch.
 """
 
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import l2_normalize
-from dinolab.data.images import try_load_rgb, warn_skipped
+from dinolab.data.images import display_path, try_load_rgb, warn_skipped
 from dinolab.data.transforms import EvalTransform
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def embed_shard(
             feats.append(embed_batch(model, images.to(device)))
             kept += ok
     for path in skipped:
-        log.warning("skipping unreadable image %s", path)
+        log.warning("skipping unreadable image %s", display_path(path))
     dtype = np.float16 if cfg.float16 else np.float32
     emb = np.concatenate(feats) if feats else np.zeros((0, feature_dim(model)), np.float32)
     arrays = {

@@ -39,7 +39,7 @@ from dinolab.curate.report import ReportConfig, write_report
 from dinolab.curate.retrieve import RetrieveConfig, make_records, retrieve_for_seed_set, union_records, write_jsonl
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import EmbeddingStore, ShardedEmbeddings, is_precomputed, load_precomputed
-from dinolab.data.images import resolve_image_source
+from dinolab.data.images import path_bytes, resolve_image_source
 from dinolab.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,11 @@ def _result_key(cfg: Any) -> dict:
 
 
 def _hash_strings(items: list[str]) -> str:
+    """Hash of file names as the OS stores them (bytes), so any name works, even one that is not UTF-8
+    (a ``str`` with ``surrogateescape``); for UTF-8 names the bytes, hence the hash, are unchanged."""
     digest = hashlib.sha256()
     for item in items:
-        digest.update(item.encode() + b"\n")
+        digest.update(path_bytes(item) + b"\n")
     return digest.hexdigest()[:16]
 
 

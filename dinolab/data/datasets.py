@@ -14,9 +14,11 @@ a folder                     every image below it (recursive; jpg jpeg png webp 
 ===========================  ==================================================================
 
 A long run never dies on one bad file: :class:`ImageFiles` answers a request for an unreadable
-file with the next readable one, records the bad index in shared memory (so DataLoader workers'
-findings reach the main process) and warns, naming it. :meth:`ImageFiles.report_skipped` gives
-the one-line summary at the end of a run.
+file (missing, truncated, not an image, a decompression bomb, or not a regular file: a FIFO,
+socket or device is never opened) with the next readable one, records the bad index in shared
+memory (so DataLoader workers' findings reach the main process) and warns, naming it.
+:attr:`ImageFiles.num_skipped` counts them (with the files ``verify`` dropped up front) and
+:meth:`ImageFiles.report_skipped` gives the one-line summary at the end of a run.
 """
 
 from __future__ import annotations
@@ -35,7 +37,16 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dinolab.data.augment import MultiCropAugmentation
-from dinolab.data.images import IMAGE_EXTENSIONS, list_images, read_path_list, try_load_rgb, warn_skipped
+from dinolab.data.images import (
+    DECODE_ERRORS,
+    IMAGE_EXTENSIONS,
+    display_path,
+    list_images,
+    open_image,
+    read_path_list,
+    try_load_rgb,
+    warn_skipped,
+)
 
 BUILTIN_PREFIX = "builtin:"
 FORMATS = "a folder of images, a .txt list of paths, a .jsonl/.csv manifest with a 'path' column, or an .npz"
@@ -70,16 +81,17 @@ class SharedFlags:
 class ImageFiles(Dataset):
     """Images read from a list of files; ``dataset[i]`` is a PIL RGB image.
 
-    An unreadable file (missing, truncated, not an image) is replaced by the next readable file in
-    order, so a sample is always returned and the replacement is deterministic; the bad index is
-    recorded (see :attr:`num_skipped`, :meth:`skipped_paths`). It is also a ``Sequence`` of images
-    for evaluation code.
+    An unreadable file (missing, truncated, not an image, a decompression bomb, not a regular file)
+    is replaced by the next readable file in order, so a sample is always returned and the
+    replacement is deterministic; the bad index is recorded. :attr:`num_skipped` counts the skipped
+    files (for a training log / summary) and :meth:`skipped_paths` names them. It is also a
+    ``Sequence`` of images for evaluation code.
 
     Args:
         paths: image files.
         source: what the user passed (named in messages).
         verify: open every file's header now and drop the unreadable ones (cheap: no decoding;
-            a truncated file is still only found when read).
+            a truncated file is still only found when read); they count in :attr:`num_skipped`.
         max_substitutes: how many consecutive unreadable files to step over before giving up.
 
     Raises:
@@ -91,10 +103,14 @@ class ImageFiles(Dataset):
     ) -> None:
         self.source = str(source)
         paths = [Path(p) for p in paths]
+        self._dropped: list[str] = []  # dropped up front by ``verify``
         if verify:
-            paths = [p for p, ok in zip(paths, readable_mask(paths)) if ok]
+            ok = readable_mask(paths)
+            self._dropped = [str(p) for p, k in zip(paths, ok) if not k]
+            paths = [p for p, k in zip(paths, ok) if k]
         if not paths:
-            raise ValueError(f"no readable images in {self.source} (expected {FORMATS}; suffixes {IMAGE_EXTENSIONS})")
+            raise ValueError(f"no readable images in {display_path(self.source)} "
+                             f"(expected {FORMATS}; suffixes {IMAGE_EXTENSIONS})")
         self.paths = paths
         self.max_substitutes = max_substitutes
         self._bad = SharedFlags(len(paths))
@@ -113,23 +129,29 @@ class ImageFiles(Dataset):
             if image is not None:
                 return image
             self._record_bad(i)
-        raise OSError(f"{self.source}: {min(n, self.max_substitutes + 1)} consecutive unreadable images "
-                      f"from {self.paths[index % n]}")
+        raise OSError(f"{display_path(self.source)}: {min(n, self.max_substitutes + 1)} consecutive unreadable "
+                      f"images from {display_path(self.paths[index % n])}")
 
     def _record_bad(self, index: int) -> None:
         self._bad.set(index)
         if self._warned < WARN_FIRST:  # per process; the full list is in report_skipped()
             self._warned += 1
-            warnings.warn(f"skipping unreadable image {self.paths[index]} (using the next readable one)", stacklevel=3)
+            warnings.warn(f"skipping unreadable image {display_path(self.paths[index])} (using the next readable one)",
+                          stacklevel=3)
 
     @property
     def num_skipped(self) -> int:
-        """Distinct unreadable files met so far, in this process and its DataLoader workers."""
-        return len(self._bad.indices())
+        """Skipped files: those ``verify`` dropped plus the distinct unreadable files met so far, in
+        this process and its DataLoader workers (the count for a training log / summary)."""
+        return len(self._dropped) + len(self._bad.indices())
 
     def skipped_paths(self) -> list[str]:
-        """The unreadable files met so far, in dataset order."""
-        return [str(self.paths[i]) for i in self._bad.indices()]
+        """The skipped files: those ``verify`` dropped, then those met so far in dataset order.
+
+        Names are the OS's (``str`` with ``surrogateescape``); print them with
+        :func:`~dinolab.data.images.display_path`.
+        """
+        return self._dropped + [str(self.paths[i]) for i in self._bad.indices()]
 
     def report_skipped(self) -> None:
         """One warning naming the first few unreadable files and their count (nothing if none)."""
@@ -202,8 +224,8 @@ def open_dataset(path: str | Path | None, *, verify: bool = False) -> ImageFiles
         return ArrayImages(load_builtin(name)[0], source=f"{BUILTIN_PREFIX}{name}")
     path = _existing(path)
     suffix = path.suffix.lower()
-    if path.is_dir():
-        return ImageFiles(list_images(path), source=path, verify=verify)
+    if path.is_dir():  # non-regular entries are listed so that they are skipped and counted, never opened
+        return ImageFiles(list_images(path, with_special=True), source=path, verify=verify)
     if suffix == ".npz":
         return ArrayImages(_npz_images(path), source=path)
     if suffix == ".txt":
@@ -222,9 +244,10 @@ def read_manifest(path: str | Path) -> list[Path]:
     """
     path = Path(path)
     if path.suffix.lower() == ".jsonl":
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_bytes().decode("utf-8", "surrogateescape")
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
     else:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             records = list(csv.DictReader(f))
     missing = [i for i, r in enumerate(records, 1) if not isinstance(r, dict) or not r.get("path")]
     if missing:
@@ -380,7 +403,7 @@ def _class_files(folder: Path, class_names: list[str]) -> tuple[list[Path], np.n
     paths, labels = [], []
     for label, name in enumerate(class_names):
         if (folder / name).is_dir():
-            files = list_images(folder / name)
+            files = list_images(folder / name, with_special=True)  # non-regular ones: dropped by readable_mask
             paths += files
             labels += [label] * len(files)
     return paths, np.asarray(labels, dtype=np.int64)
@@ -404,14 +427,16 @@ def _existing(path: str | Path) -> Path:
 def readable_mask(paths: Sequence[Path]) -> np.ndarray:
     """Which files have an image header PIL can open: [N] bool. Warns naming the first few others.
 
-    Cheap (no decoding), so a truncated file passes and is only caught when read.
+    Cheap (no decoding), so a truncated file passes and is only caught when read. A file that is
+    not a regular file (FIFO, socket, device) is refused without being opened; a decompression bomb
+    is refused from its header.
     """
     ok = np.ones(len(paths), dtype=bool)
     for i, p in enumerate(paths):
         try:
-            with Image.open(p):
+            with open_image(p):
                 pass
-        except (OSError, ValueError, Image.DecompressionBombError):
+        except DECODE_ERRORS:
             ok[i] = False
     warn_skipped([str(p) for p, k in zip(paths, ok) if not k])
     return ok

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from dinolab.data.images import is_image_path, list_images, load_rgb
+from dinolab.data.images import DECODE_ERRORS, is_image_path, list_images, load_rgb, to_rgb
 from dinolab.viz.patches import PatchFeatures, patch_features
 from dinolab.viz.pca import PCAConfig, pca_maps_from_features
 
@@ -98,8 +98,8 @@ def decode_upload(data: bytes, content_type: str, max_pixels: int) -> Image.Imag
             if im.width * im.height > max_pixels:
                 raise ApiError(415, f"upload is {im.width}x{im.height} pixels, more than {max_pixels}")
             im.load()
-            return im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+            return to_rgb(im)  # 16-bit PNGs scaled to 8 bits, not clipped white
+    except DECODE_ERRORS as err:
         raise ApiError(415, f"upload is not a readable image ({err.__class__.__name__})") from err
 
 
@@ -156,7 +156,7 @@ class Explorer:
             return self._uploads[image_id]
         try:
             return load_rgb(resolve_in_root(self.root, image_id))
-        except OSError as err:
+        except OSError as err:  # UnreadableImageError: truncated, not an image, a decompression bomb...
             raise ApiError(415, f"image {image_id!r} cannot be read") from err
 
     def features(self, image_id: str) -> PatchFeatures:

@@ -14,6 +14,12 @@ Routes (all answers to ``/api/*`` are JSON; a refusal is ``{"error": "..."}`` wi
 
 It binds 127.0.0.1 by default and has no authentication: anyone who can reach the port can read
 the served folder's images, so only bind another address on a trusted network.
+
+Each connection has its own thread; a client silent for :attr:`ExplorerHandler.timeout` seconds
+(sending nothing, or not reading the answer) is disconnected, so slow clients cannot pile up
+threads. A refused upload (413 over the limit, 411, 400) is answered before its body is read; the
+server then ends its side and reads and drops the body (bounded), so that the client, still sending,
+gets the answer instead of a reset connection.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -99,6 +106,15 @@ class ExplorerHandler(BaseHTTPRequestHandler):
 
     server: ExplorerServer
     protocol_version = "HTTP/1.1"
+    # Seconds a socket read or write may wait (socketserver applies it to each connection): a client
+    # that sends nothing (or stops mid-request, or never reads) is disconnected and its thread ends.
+    timeout: float | None = 30.0
+    # After refusing an upload whose body is unread, read and drop at most this much of it, for at
+    # most this long, before closing: closing with unread data would reset the connection, and the
+    # client (still sending) would see a broken pipe instead of the 413.
+    drain_bytes = 64 * 2**20
+    drain_seconds = 10.0
+    _unread: int | None = 0  # body bytes of the current request not read yet (None: unknown)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's signature)
         if not self.server.quiet:
@@ -112,15 +128,24 @@ class ExplorerHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self, route) -> None:
         url = urlsplit(self.path)
+        self._unread = 0
         try:
-            route(url.path, parse_qs(url.query))
-        except ApiError as err:
-            if self.command == "POST":
-                self.close_connection = True  # a refused body may be unread: never reuse the connection
-            self._send_json({"error": err.message}, err.status)
-        except Exception:  # noqa: BLE001 (a bug must not kill the server nor leak a traceback to the page)
-            traceback.print_exc(file=sys.stderr)
-            self._send_json({"error": "internal error (see the server log)"}, 500)
+            try:
+                route(url.path, parse_qs(url.query))
+            except ApiError as err:
+                if self.command == "POST":
+                    self.close_connection = True  # a refused body may be unread: never reuse the connection
+                self._send_json({"error": err.message}, err.status)
+                if self.command == "POST" and self._unread != 0:
+                    self._discard_unread_body()
+            except (TimeoutError, ConnectionError):
+                raise
+            except Exception:  # noqa: BLE001 (a bug must not kill the server nor leak a traceback to the page)
+                traceback.print_exc(file=sys.stderr)
+                self._send_json({"error": "internal error (see the server log)"}, 500)
+        except (TimeoutError, ConnectionError) as err:  # the client is too slow or gone: drop the connection
+            self.close_connection = True
+            self.log_error("connection dropped: %r", err)
 
     def _get(self, path: str, query: dict[str, list[str]]) -> None:
         ex = self.server.explorer
@@ -148,25 +173,61 @@ class ExplorerHandler(BaseHTTPRequestHandler):
             raise ApiError(404, f"no such page {path!r}")
 
     def _post(self, path: str, query: dict[str, list[str]]) -> None:
+        length_header = self.headers.get("Content-Length")
+        try:
+            length = None if length_header is None else int(length_header)
+        except ValueError:
+            length = None
+        self._unread = length if length is not None and length >= 0 else None
         if path != "/api/upload":
             raise ApiError(404 if not path.startswith("/api/") else 405, f"cannot POST to {path!r}")
         limit = self.server.explorer.cfg.max_upload_bytes
-        length_header = self.headers.get("Content-Length")
         if length_header is None:
             self.close_connection = True
             raise ApiError(411, "upload needs a Content-Length header")
-        try:
-            length = int(length_header)
-        except ValueError:
+        if length is None:
             self.close_connection = True
-            raise ApiError(400, f"bad Content-Length {length_header!r}") from None
+            raise ApiError(400, f"bad Content-Length {length_header!r}")
         if length > limit or length < 0:
-            # Refused before reading the body; the connection is closed instead of draining it.
+            # Refused before reading the body (the answer comes first, then the body is drained).
             self.close_connection = True
             raise ApiError(413, f"upload of {length} bytes is over the limit of {limit} bytes")
-        data = self.rfile.read(length)
+        try:
+            data = self.rfile.read(length)
+        except TimeoutError:
+            self._unread, self.close_connection = 0, True  # a stalled client: answer (if it reads) and close
+            raise ApiError(408, f"upload body not received within {self.timeout} s") from None
+        self._unread = 0
+        if len(data) < length:
+            self.close_connection = True
+            raise ApiError(400, f"upload body ended after {len(data)} of {length} bytes")
         image_id = self.server.explorer.add_upload(data, self.headers.get("Content-Type", ""))
         self._send_json({"id": image_id})
+
+    def _discard_unread_body(self) -> None:
+        """Lingering close after a refusal: end our side (the answer is complete), then read and drop
+        the unread body (``Content-Length`` bytes, or until the client stops if unknown), at most
+        :attr:`drain_bytes` / :attr:`drain_seconds`; the connection is closed afterwards."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        remaining = self.drain_bytes if self._unread is None else min(self._unread, self.drain_bytes)
+        deadline = time.monotonic() + self.drain_seconds
+        try:
+            while remaining > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.connection.settimeout(min(left, self.timeout) if self.timeout else left)
+                chunk = self.rfile.read1(min(remaining, 1 << 16))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+        except OSError:  # timed out or reset: nothing more to do, the connection is closed next
+            pass
+        self._unread = 0
 
     def _send_static(self, name: str) -> None:
         static = resources.files("dinolab.viz") / "static"

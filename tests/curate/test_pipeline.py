@@ -93,6 +93,44 @@ def test_end_to_end_over_image_folders(tmp_path, image_sets):
     assert again["curated"] == 2
 
 
+
+def test_undecodable_names_and_a_fifo_in_the_pool(tmp_path, bad_name, make_fifo, deadline, opened_paths):
+    """A name that is not UTF-8 is embedded, hashed and written back as the same file; a FIFO is skipped,
+    counted and never opened (the name used to stop curation before it embedded anything)."""
+    import hashlib
+    import os
+
+    rng = np.random.default_rng(0)
+    pool, seeds = tmp_path / "pool", tmp_path / "seeds"
+    pool.mkdir()
+    seeds.mkdir()
+    images = [_grid_image(rng) for _ in range(6)]
+    for i, im in enumerate(images[:4]):
+        im.save(pool / f"img_{i}.png")
+    odd = [pool / bad_name(b"odd\xff", ".png"), pool / bad_name(b"odd\xfe\xfd", ".png")]
+    images[4].save(odd[0], format="PNG")
+    images[5].save(odd[1], format="PNG")
+    fifo = make_fifo(pool / "pipe.png")
+    images[4].save(seeds / "s.png")  # an exact copy of odd[0]
+
+    with deadline(120), pytest.warns(UserWarning, match=r"skipped 1 unreadable images: .*pipe\.png"):
+        run_curation(pool, {"near": seeds}, tmp_path / "out", _config(), model=_tiny_backbone())
+
+    manifest = json.loads((tmp_path / "out" / "embed" / "pool" / "manifest.json").read_text())
+    assert manifest["outputs"]["num_images"] == 7
+    assert manifest["outputs"]["num_embedded"] == 6 and manifest["outputs"]["num_skipped"] == 1
+    # The image-list hash is over the names' bytes, one per line, in sorted order.
+    names = sorted(n for n in os.listdir(os.fsencode(pool)) if n.endswith(b".png"))
+    assert names[4:] == [b"odd\xfe\xfd.png", b"odd\xff.png", b"pipe.png"]
+    expected = hashlib.sha256(b"".join(os.fsencode(pool) + b"/" + n + b"\n" for n in names)).hexdigest()[:16]
+    assert manifest["config"]["images"] == expected
+    skipped = [p for s in manifest["shards"] for p in s.get("skipped", [])]
+    assert skipped == [str(fifo)]
+    curated = read_jsonl(tmp_path / "out" / "curated.jsonl")
+    assert [r["path"] for r in curated] == [str(odd[0])]  # the seed's copy, named exactly as on disk
+    assert os.path.exists(curated[0]["path"])
+    assert str(fifo) not in opened_paths
+
 def test_cli_with_precomputed_embeddings_and_cluster_retrieval(tmp_path, make_pool):
     x, groups = make_pool(n_base=600, n_groups=20)
     paths = np.array([f"/pool/{i:05d}.jpg" for i in range(len(x))])

@@ -202,3 +202,103 @@ def test_serve_command_binds_loopback_by_default(run_viz, monkeypatch, tmp_path)
 def test_serve_command_refuses_a_missing_root(run_viz, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         run_viz(["serve", "--root", str(tmp_path / "nowhere")])
+
+
+# ------------------------------------------------------------------ big uploads, slow clients, odd files
+
+
+def test_a_large_oversized_upload_gets_413_not_a_reset(server):
+    """32 MiB (more than the sockets buffer) over a 3000-byte limit: the 413 must reach the client.
+
+    Closing with the body unread resets the connection, and the client, still sending, sees a broken
+    pipe instead of the answer; the server drains the body after answering.
+    """
+    srv, _ = server
+    status, body = upload(srv, bytes(32 * 2**20))
+    assert status == 413
+    assert str(UPLOAD_LIMIT) in body["error"]
+    assert get_json(srv, "/api/images")[0] == 200  # the server is still serving
+
+
+def _raw_connection(srv):
+    import socket
+
+    return socket.create_connection(srv.server_address[:2], timeout=10)
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /api/images HTTP/1.1\r\nHost: x\r\n"])
+def test_a_silent_client_is_disconnected_after_the_timeout(server, monkeypatch, sent):
+    import time
+
+    from dinolab.viz.serve import ExplorerHandler
+
+    srv, _ = server
+    assert 10 <= ExplorerHandler.timeout <= 120  # the default: a few tens of seconds
+    monkeypatch.setattr(ExplorerHandler, "timeout", 0.5)
+    with _raw_connection(srv) as sock:
+        sock.sendall(sent)  # nothing, or a request whose headers never end
+        start = time.monotonic()
+        assert sock.recv(4096) == b""  # the server closed it (a hang would raise socket.timeout after 10 s)
+        assert time.monotonic() - start < 5
+    assert get_json(srv, "/api/images")[0] == 200
+
+
+def test_a_stalled_upload_body_is_dropped_after_the_timeout(server, monkeypatch):
+    import time
+
+    from dinolab.viz.serve import ExplorerHandler
+
+    srv, _ = server
+    monkeypatch.setattr(ExplorerHandler, "timeout", 0.5)
+    with _raw_connection(srv) as sock:
+        sock.sendall(b"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+                     b"only a few bytes")
+        start = time.monotonic()
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        assert time.monotonic() - start < 5
+    assert answer.startswith(b"HTTP/1.1 408")
+
+
+@pytest.fixture
+def odd_server(tmp_path, tiny_model, monkeypatch, make_fifo):
+    """An explorer over {a.png, a_copy.png, bomb.png (a decompression bomb), pipe.png (a FIFO)}."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # PIL refuses more than 2 x 1500 pixels
+    root = tmp_path / "root"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    first = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))  # 1024 pixels: fine
+    first.save(root / "a.png")
+    first.save(root / "a_copy.png")
+    bomb = png(Image.new("RGB", (64, 64), (9, 9, 9)))  # 4096 pixels > 3000
+    (root / "bomb.png").write_bytes(bomb)
+    make_fifo(root / "pipe.png")
+    cfg = ServeConfig(root=str(root), host="127.0.0.1", port=0, quiet=True,
+                      explorer=ExplorerConfig(size=32, max_upload_bytes=UPLOAD_LIMIT))
+    srv = make_server(cfg, model=tiny_model)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv, bomb
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_a_bomb_in_the_root_is_skipped_by_neighbours_and_refused_as_an_image(odd_server):
+    srv, _ = odd_server
+    assert get_json(srv, "/api/images") == (200, {"images": ["a.png", "a_copy.png", "bomb.png"]})  # no FIFO
+    status, body = get_json(srv, "/api/neighbours", id="a.png", k=5)
+    assert status == 200
+    assert [n["id"] for n in body["neighbours"]] == ["a_copy.png"]
+    status, body = get_json(srv, "/api/image", id="bomb.png")
+    assert status == 415 and "cannot be read" in body["error"]
+    status, body = get_json(srv, "/api/image", id="pipe.png")  # never opened
+    assert status == 404
+
+
+def test_an_uploaded_bomb_is_415(odd_server):
+    srv, bomb = odd_server
+    assert len(bomb) < UPLOAD_LIMIT
+    status, body = upload(srv, bomb)
+    assert status == 415 and body["error"]
+    assert get_json(srv, "/api/neighbours", id="a.png", k=1)[0] == 200
