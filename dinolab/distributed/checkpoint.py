@@ -23,6 +23,7 @@ import enum
 import io
 import pathlib
 import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -34,6 +35,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -131,7 +133,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as err:
             raise UnsafeCheckpointError(
-                f"{read_item.dest_index.fqn}: refused a pickled object ({str(err).splitlines()[0]})"
+                f"{read_item.dest_index.fqn}: refused a pickled object (torch.load with weights_only=True "
+                "loads tensors and plain data only)"
             ) from None
         if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes, with the safe load
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
@@ -144,7 +147,13 @@ def _dcp_load(state: dict, path: str | Path, no_dist: bool) -> None:
     process, which is intended here (resume on one rank, consolidation, a distillation teacher)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*assuming the intent is to load in a single process")
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), no_dist=no_dist)
+        try:
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), no_dist=no_dist)
+        except CheckpointException as err:  # DCP wraps every rank's exception with its traceback
+            unsafe = re.search(r"UnsafeCheckpointError: (.*)", str(err))
+            if unsafe:
+                raise UnsafeCheckpointError(f"{path} is not a safe checkpoint: {unsafe.group(1)}") from None
+            raise ValueError(f"{path} could not be read (damaged?): {str(err).strip().splitlines()[-1]}") from None
 
 
 def load_train_state(path: str | Path) -> dict:
@@ -260,6 +269,7 @@ def consolidate_backbone(dcp_dir: str | Path, out_path: str | Path) -> Path:
     dcp_dir, out_path = Path(dcp_dir), Path(out_path)
     if not is_dcp_dir(dcp_dir):
         raise FileNotFoundError(f"{dcp_dir} is not a DCP checkpoint directory (no .metadata)")
+    read_dcp_metadata(dcp_dir)  # an unsafe or damaged folder is refused before anything else is read
     state = load_train_state(dcp_dir)
     weights = read_dcp_tensors(dcp_dir, "model." + state["export_prefix"])
     model = DinoVisionTransformer(**state["export_arch"])

@@ -518,7 +518,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, env: DistEn
                 break
     bar.close()
     final_iter = it + 1 if end > start else start
-    summary = _finish(cfg, run_dir, meta, log, monitor, extra, final_iter, global_batch, interrupted, last_saved, env)
+    summary = _finish(cfg, run_dir, meta, log, monitor, extra, final_iter, global_batch, interrupted, last_saved, env,
+                      images)
     if log is not None:
         log.close()
     return summary
@@ -535,9 +536,11 @@ def _grad_scaler(device: torch.device, precision: str, env: DistEnv, mode: str):
     return torch.amp.GradScaler(device.type)
 
 
-def _finish(cfg, run_dir, meta, log, monitor, extra, iteration, global_batch, interrupted, last_saved, env) -> dict:
+def _finish(cfg, run_dir, meta, log, monitor, extra, iteration, global_batch, interrupted, last_saved, env,
+            images) -> dict:
     """Export the final backbone (teacher, or student EMA in distillation), evaluate, plot, write ``summary.json``."""
     backbone = gather_backbone(meta.export_backbone)  # a collective when sharded
+    skipped = sorted({p for paths in all_gather_objects(images.skipped_paths()) for p in paths})  # every rank's reads
     summary = {
         "iterations": iteration,
         "images_per_second": iteration * global_batch / max(extra["train_seconds"], 1e-9),
@@ -546,9 +549,15 @@ def _finish(cfg, run_dir, meta, log, monitor, extra, iteration, global_batch, in
         "interrupted": interrupted,
         "arch": cfg.student.arch,
         "world_size": env.world_size,
+        "skipped_files": len(skipped),  # unreadable or not regular files, stepped over (this session's reads)
     }
     if not env.is_main:
         return summary
+    if skipped:
+        from dinolab.data.images import warn_skipped
+
+        warn_skipped(skipped)
+        log.write({"iteration": iteration, "skipped_files": len(skipped)})
     save_backbone(backbone, run_dir / "teacher_backbone.pth")
     save_backbone(backbone, run_dir / "teacher_backbone.safetensors")
     if monitor is not None and not interrupted:

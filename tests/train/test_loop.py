@@ -191,3 +191,21 @@ def test_no_resume_starts_from_scratch(data, tmp_path):
     assert summary["iterations"] == 2
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["ckpt_0000001.pth", "ckpt_0000002.pth"]
     assert sorted(losses_by_iteration(run)) == [1, 2]
+
+
+def test_unreadable_files_are_skipped_and_counted_in_the_summary(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(14):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    for name in ("bad1.png", "bad2.jpg", "bad3.png"):  # not images
+        (folder / name).write_text("not an image")
+    cfg = load_config("cpu", [*TINY, "train.max_iters=3"], base={"data": {"path": str(folder)}})
+    with pytest.warns(UserWarning, match="skipped 3 unreadable images"):
+        summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["skipped_files"] == 3  # 17 files, 3 x 8 draws: every file is met at least once
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["skipped_files"] == 3
