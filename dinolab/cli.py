@@ -8,7 +8,10 @@ taking the parsed ``argparse.Namespace`` and returning an exit code.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
+import pickle
 import sys
 
 # Modules that each add one or more subcommands, in the order they appear in --help.
@@ -41,11 +44,46 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        # User-facing problems (bad input, missing file) become one clear line, not a traceback.
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+    except (ValueError, FileNotFoundError, KeyError, OSError, RuntimeError, pickle.UnpicklingError) as err:
+        # User-facing problems (bad input, missing file, full disk) become one clear line, not a traceback.
+        msg = user_error(err)
+        if msg is None:
+            raise
         print(f"dinolab {args.command}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def user_error(err: BaseException) -> str | None:
+    """The one-line message for an error the user can fix, or None for a bug (keep the traceback)."""
+    from dinolab.io import is_disk_full, unpickling_reason
+
+    if is_disk_full(err):
+        code = err.errno if isinstance(err, OSError) and err.errno else errno.ENOSPC
+        what = "disk quota exceeded" if code == errno.EDQUOT else "no space left on device"
+        where = getattr(err, "filename", None)
+        return f"{what} writing {where}" if where else f"{what} ({_first_line(err)})"
+    if isinstance(err, pickle.UnpicklingError):
+        return (f"unreadable torch/pickle file: {unpickling_reason(err)} "
+                "(safe loading, torch.load(weights_only=True), reads tensors and plain containers only)")
+    if isinstance(err, KeyError):
+        return _one_line(str(err.args[0]) if err.args else "KeyError")
+    if isinstance(err, (FileNotFoundError, ValueError)):
+        return _one_line(str(err))
+    if isinstance(err, OSError) and err.filename and err.errno in _PATH_ERRNOS:  # a path the user gave
+        return f"{err.strerror or os.strerror(err.errno)}: {err.filename}"
+    return None
+
+
+# OSErrors that are about the path itself (permissions, a file where a folder should be, a read-only disk)
+_PATH_ERRNOS = (errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EROFS, errno.EEXIST)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Library: :func:`extract_features` (in memory) and :func:`extract_to_file` (``.np
 
 The default preprocessing is the official evaluation transform (resize 256 bicubic, centre crop
 224, ImageNet mean/std). Unreadable or non-image files are skipped, listed in the output
-(``skipped``) and named in one warning line: a bad file never stops the run.
+(``skipped``) and named in one warning line: a bad file never stops the run, and a FIFO, socket or
+device (in a folder or a ``.txt`` list) is skipped the same way without being opened.
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ def extract_features(model, images: Sequence[Path], cfg: ExtractConfig = Extract
     return out
 
 
+OUTPUT_SUFFIXES = (".npz", ".safetensors")  # what save_features writes (case-sensitive)
+
+
 def save_features(features: dict, path: str | Path, meta: dict | None = None) -> None:
     """Write :func:`extract_features` output atomically as ``.npz`` or ``.safetensors``.
 
@@ -119,6 +123,8 @@ def save_features(features: dict, path: str | Path, meta: dict | None = None) ->
 
     path = Path(path)
     arrays = {k: v for k, v in features.items() if isinstance(v, np.ndarray)}
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(f"output file {path} must end with .npz or .safetensors")
     if path.suffix == ".safetensors":
         from safetensors.numpy import save_file
 
@@ -126,7 +132,7 @@ def save_features(features: dict, path: str | Path, meta: dict | None = None) ->
         header["meta"] = json.dumps(meta or {})
         with atomic_path(path) as tmp:
             save_file(arrays, str(tmp), metadata=header)
-    elif path.suffix == ".npz":
+    else:
         atomic_save_npz(
             path,
             **arrays,
@@ -134,8 +140,6 @@ def save_features(features: dict, path: str | Path, meta: dict | None = None) ->
             skipped=np.array(features["skipped"], dtype=str),
             meta=np.array(json.dumps(meta or {})),
         )
-    else:
-        raise ValueError(f"output file {path} must end with .npz or .safetensors")
 
 
 def load_features(path: str | Path) -> dict:
@@ -157,13 +161,33 @@ def load_features(path: str | Path) -> dict:
     return out
 
 
+def check_output_file(path: str | Path) -> Path:
+    """Refuse, before any work, an output :func:`save_features` cannot write (suffix, folder).
+
+    Raises:
+        ValueError: one line naming ``path``.
+    """
+    path = Path(path)
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(f"--out {path} must end with .npz or .safetensors")
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; expected a file ending with .npz or .safetensors")
+    from dinolab.io import check_output_dir
+
+    check_output_dir(path.parent, f"--out {path}: its folder")
+    return path
+
+
 def run_extract(args: argparse.Namespace) -> int:
+    from dinolab.io import check_listed_files
     from dinolab.models import build_backbone
 
-    model = build_backbone(args.arch or ("auto" if args.weights else "vits14"), weights=args.weights)
+    check_output_file(args.out)
     paths = resolve_image_source(args.images)
     if not paths:
         raise ValueError(f"no image files found in {args.images}")
+    check_listed_files(paths, args.images)
+    model = build_backbone(args.arch or ("auto" if args.weights else "vits14"), weights=args.weights)
     cfg = ExtractConfig(
         batch_size=args.batch_size, size=args.size, resize=args.resize or None, patch_tokens=args.patch_tokens,
         layers=args.layers, bf16=args.bf16, compile=args.compile, num_workers=args.workers,

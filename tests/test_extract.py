@@ -66,3 +66,29 @@ def test_extract_cli_bad_input_is_one_line(tmp_path, capsys):
 def test_save_features_rejects_unknown_suffix(tmp_path):
     with pytest.raises(ValueError, match=r"\.npz or \.safetensors"):
         save_features({"cls_tokens": np.zeros((1, 2)), "paths": ["x"], "skipped": []}, tmp_path / "f.csv")
+
+
+def test_extract_txt_list_with_fifo_and_undecodable_name(image_folder, tmp_path, make_fifo, bad_name, deadline,
+                                                         opened_paths):
+    """A FIFO in the list is skipped and named, never opened (it used to hang); an undecodable name works."""
+    import os
+
+    odd = image_folder / bad_name()
+    Image.fromarray(np.full((40, 60, 3), 200, dtype=np.uint8)).save(odd, format="PNG")
+    fifo = make_fifo(image_folder / "pipe.png")
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"\n".join([b"imgs/a.png", b"imgs/pipe.png", os.fsencode(odd), b"imgs/c.webp"]) + b"\n")
+    weights = tmp_path / "w.pth"
+    save_backbone(build_backbone("vit_small", patch_size=14, img_size=28, depth=1), weights)
+    with deadline(60):
+        for suffix in (".npz", ".safetensors"):
+            out = tmp_path / f"feats{suffix}"
+            with pytest.warns(UserWarning, match=r"skipped 1 unreadable files: .*pipe\.png"):
+                assert main(["extract", "--weights", str(weights), "--images", str(listing), "--out", str(out),
+                             "--size", "28", "--resize", "28", "--batch-size", "2"]) == 0
+            feats = load_features(out)
+            assert feats["paths"] == [str(image_folder / "a.png"), str(odd), str(image_folder / "c.webp")]
+            assert feats["skipped"] == [str(fifo)]
+            assert feats["cls_tokens"].shape == (3, 384)
+            assert os.path.exists(feats["paths"][1])  # the stored name still names the file
+    assert str(fifo) not in opened_paths

@@ -12,13 +12,18 @@ configs, so a preset reads like the paper's tables.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 PRESET_DIR = Path(__file__).parent / "presets"
+# deltas over a run's saved config (``highres``: applied by ``dinolab train --high-res CKPT``), not presets
+DELTA_DIR = Path(__file__).parent / "deltas"
 
 
 def _check(cond: bool, message: str) -> None:
@@ -270,7 +275,8 @@ def load_run_config(run_config: str | Path, preset: str, overrides: list[str] | 
                     base: dict | None = None) -> Config:
     """Defaults <- a run's saved ``config.yaml`` <- a preset's deltas <- ``base`` <- overrides -> Config.
 
-    How a run is continued under another recipe, e.g. high-resolution adaptation (preset ``highres``).
+    How a run is continued under another recipe, e.g. high-resolution adaptation (``preset="highres"``:
+    the deltas of ``deltas/highres.yaml``). ``preset`` names a delta file of ``deltas/``, a preset or a path.
 
     Raises:
         FileNotFoundError: no such config file.
@@ -278,11 +284,15 @@ def load_run_config(run_config: str | Path, preset: str, overrides: list[str] | 
     """
     if not Path(run_config).is_file():
         raise FileNotFoundError(f"run config {run_config} does not exist")
-    return _merge([str(run_config), preset], overrides, base)
+    delta = DELTA_DIR / f"{preset}.yaml"
+    return _merge([str(run_config), str(delta) if delta.is_file() else preset], overrides, base)
 
 
 def _preset_path(preset: str) -> Path:
     path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file() and (DELTA_DIR / f"{preset}.yaml").is_file():
+        raise ValueError(f"{preset!r} is not a preset but deltas applied over a run's own config: "
+                         f"use dinolab train --high-res RUN/checkpoints/ckpt_*.pth")
     if not path.is_file():
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(preset_names())} or a .yaml path")
     return path
@@ -292,9 +302,60 @@ def _preset_layers(preset: str, seen: tuple[str, ...] = ()) -> list:
     """A preset's YAML, preceded by the preset it names as ``inherit:`` (deltas over deltas)."""
     if preset in seen:
         raise ValueError(f"preset {preset!r} inherits from itself ({' -> '.join(seen + (preset,))})")
-    node = OmegaConf.load(_preset_path(preset))
+    node = load_yaml(_preset_path(preset))
     parent = node.pop("inherit", None)
     return (_preset_layers(str(parent), seen + (preset,)) if parent else []) + [node]
+
+
+def load_yaml(path: str | Path) -> DictConfig:
+    """A YAML config file as an OmegaConf node: plain YAML only (no ``!!python/...`` tags).
+
+    Raises:
+        ValueError: the file is not valid YAML, holds a tag that would construct a Python object,
+            or is not a mapping (one line naming the file).
+    """
+    path = Path(path)
+    try:
+        node = OmegaConf.load(path)
+    except yaml.constructor.ConstructorError as err:
+        tag = _tag_of(err)
+        where = f" (line {err.problem_mark.line + 1})" if err.problem_mark is not None else ""
+        raise ValueError(f"{path}{where}: YAML tag {tag} is not allowed: configs hold plain values "
+                         "(numbers, strings, lists, mappings), never Python objects") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path}{where}: not valid YAML: {problem}") from None
+    except OmegaConfBaseException as err:
+        raise ValueError(f"{path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(node, DictConfig):
+        raise ValueError(f"{path}: expected a mapping of config keys, got a {type(node).__name__}")
+    return node
+
+
+def _tag_of(err: Any) -> str:
+    """``'tag:yaml.org,2002:python/object/apply:os.system'`` -> ``!!python/object/apply:os.system``."""
+    text = str(getattr(err, "problem", "") or err)
+    start = text.find("'")
+    tag = text[start + 1 : text.find("'", start + 1)] if start >= 0 else text
+    return tag.replace("tag:yaml.org,2002:", "!!")
+
+
+def check_finite(node: Any, key: str = "") -> None:
+    """Refuse ``inf`` / ``nan`` anywhere in a config (every float field, list items included).
+
+    Raises:
+        ValueError: naming the first non-finite key, e.g. ``optim.base_lr must be a finite number, got inf``.
+    """
+    if isinstance(node, float) and not math.isfinite(node):
+        raise ValueError(f"{key} must be a finite number, got {node}")
+    if isinstance(node, dict):
+        for k, v in node.items():
+            check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            check_finite(v, f"{key}[{i}]")
 
 
 def _merge(presets: list[str], overrides: list[str] | tuple[str, ...], base: dict | None) -> Config:
@@ -309,6 +370,7 @@ def _merge(presets: list[str], overrides: list[str] | tuple[str, ...], base: dic
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(cfg, *layers)
+        check_finite(OmegaConf.to_container(merged, resolve=True))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ValueError(f"invalid config: {str(err).splitlines()[0]}") from None

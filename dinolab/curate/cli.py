@@ -72,6 +72,20 @@ def build_config(args: argparse.Namespace, extra_overrides: list[str] | None = N
         raise ValueError(f"bad override: {str(err).splitlines()[0]}") from None
 
 
+def check_sources(sources: dict[str, str]) -> None:
+    """Every source exists, and a ``.txt`` list names at least one existing file (before any work)."""
+    from pathlib import Path
+
+    from dinolab.data.images import read_path_list
+    from dinolab.io import check_listed_files
+
+    for option, path in sources.items():
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{option}: {path} does not exist")
+        if Path(path).is_file() and Path(path).suffix.lower() == ".txt":
+            check_listed_files(read_path_list(path), path)
+
+
 def _init_distributed() -> bool:
     """Start a gloo process group under torchrun (only barriers are needed); True if started here."""
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or torch.distributed.is_initialized():
@@ -81,9 +95,14 @@ def _init_distributed() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dinolab.io import check_output_dir
+
+    check_output_dir(args.out, "--out")
     seeds, seed_overrides = parse_named(args.seeds, "--seeds")
     eval_sets, eval_overrides = parse_named(args.eval_sets, "--eval-sets")
     cfg = build_config(args, seed_overrides + eval_overrides)
+    check_sources({"--pool": args.pool, **{f"--seeds {n}": p for n, p in seeds.items()},
+                   **{f"--eval-sets {n}": p for n, p in eval_sets.items()}})
     started = _init_distributed()
     try:
         counts = run_curation(args.pool, seeds, args.out, cfg, eval_sets=eval_sets)

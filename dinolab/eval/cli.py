@@ -62,8 +62,10 @@ def load_backbone_from_run(run_dir: str | Path) -> tuple[nn.Module, dict]:
     registers, LayerScale) or a plain ``model.arch``. The position-embedding grid (``img_size``)
     is read off the weights, so they load without resampling.
     """
+    from dinolab.configs.schema import load_yaml
     from dinolab.models import build_backbone
-    from dinolab.models.checkpoints import infer_arch_kwargs, read_state_dict
+    from dinolab.models.checkpoints import infer_arch_kwargs
+    from dinolab.models.factory import read_weights
 
     run_dir = Path(run_dir)
     weights = next((run_dir / f"teacher_backbone{s}" for s in (".safetensors", ".pth")
@@ -73,12 +75,12 @@ def load_backbone_from_run(run_dir: str | Path) -> tuple[nn.Module, dict]:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} does not exist (needed for the architecture of --run)")
-    cfg = OmegaConf.load(cfg_path)
+    cfg = load_yaml(cfg_path)
     student = OmegaConf.select(cfg, "student")
     arch = OmegaConf.select(cfg, "model.arch") or (student.get("arch") if student else None)
     if arch is None:
         raise ValueError(f"{cfg_path}: no student.arch or model.arch key")
-    state = read_state_dict(weights)
+    state = read_weights(weights)
     overrides = {"img_size": infer_arch_kwargs(state)["img_size"]}
     if student is not None:
         keys = ("patch_size", "embed_dim", "depth", "num_heads", "ffn_layer", "num_register_tokens")

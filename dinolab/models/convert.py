@@ -13,7 +13,8 @@ from pathlib import Path
 
 
 from dinolab.models import hf
-from dinolab.models.checkpoints import describe, read_state_dict, save_backbone, to_backbone_state_dict
+from dinolab.models.checkpoints import describe, save_backbone, to_backbone_state_dict
+from dinolab.models.factory import read_weights
 
 TARGETS = ("official", "safetensors", "hf")
 
@@ -24,7 +25,7 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None, hf_naming: 
     to = to or ("safetensors" if dst.suffix == ".safetensors" else "official")
     if to not in TARGETS:
         raise ValueError(f"--to must be one of {TARGETS}, got {to!r}")
-    sd = to_backbone_state_dict(read_state_dict(src))
+    sd = to_backbone_state_dict(read_weights(src))
     if to == "hf":
         save_backbone(hf.official_to_hf(sd, naming=hf_naming), dst)
     else:

@@ -5,7 +5,8 @@ Also, from a dinolab checkpoint (``RUN/checkpoints/ckpt_*.pth`` or ``dcp_*/``):
 * ``--distill-from CKPT``: distil that run's (frozen) model into the student of ``--preset``
   (``distill.teacher_checkpoint``; presets ``distill_vits14``, ``distill_vitb14``, ``distill_vitl14``);
 * ``--high-res CKPT``: high-resolution adaptation, the run's own config with the ``highres`` deltas
-  (518 px, schedules compressed into 10k iterations, a reduced lr), initialised from CKPT;
+  (``dinolab/configs/deltas/highres.yaml``: 518 px, schedules compressed into 10k iterations, a reduced lr),
+  initialised from CKPT; they are no preset of their own (``--preset highres`` is refused in one line);
 * ``--init-from CKPT``: a new run initialised from CKPT (``train.init_from``).
 
 Under ``torchrun --nproc_per_node=N`` the same command trains on N processes; only rank 0 prints.
@@ -14,6 +15,8 @@ Under ``torchrun --nproc_per_node=N`` the same command trains on N processes; on
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 import json
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from dinolab.configs.schema import Config, load_config, load_run_config, preset_
 
 DEFAULT_PRESET = "cpu"
 DEMO_PRESET = "demo"  # the embedded default (no --data): the cpu recipe, minutes long
-HIGH_RES_PRESET = "highres"
+HIGH_RES_PRESET = "highres"  # dinolab/configs/deltas/highres.yaml, not a --preset
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -42,6 +45,87 @@ def build_config(args: argparse.Namespace) -> Config:
     return load_config(preset, args.overrides, base=base)
 
 
+def dataset_size(path: str | None) -> int:
+    """Images in the training source ``data.path``, found cheaply (no image is decoded; an ``.npz``
+    is measured from its array header). Checks the source as ``open_dataset`` does, and refuses a
+    list none of whose files exists.
+
+    Raises:
+        FileNotFoundError, ValueError: one line naming the source.
+    """
+    from dinolab.data.datasets import ImageFiles, open_dataset
+    from dinolab.io import check_listed_files
+
+    n = _npz_length(Path(path)) if path is not None and str(path).lower().endswith(".npz") else None
+    if n is not None:
+        return n
+    images = open_dataset(path)
+    if isinstance(images, ImageFiles):
+        check_listed_files(images.paths, path)
+    return len(images)
+
+
+def _npz_length(path: Path) -> int | None:
+    """Length of the ``x_train`` / ``images`` array of an ``.npz``, read off its header; None: let
+    ``open_dataset`` decide (no such file, no such array, not a zip, compressed header...)."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((f"{k}.npy" for k in ("x_train", "images") if f"{k}.npy" in z.namelist()), None)
+            if name is None:
+                return None
+            with z.open(name) as f:
+                version = np.lib.format.read_magic(f)
+                read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                if version not in read:
+                    return None
+                shape = read[version](f)[0]
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    return int(shape[0]) if shape else None
+
+
+def validate_run(cfg: Config, output: str | Path) -> None:
+    """Everything a run reads, checked before any work and before the run folder is made:
+    the output folder, the checkpoints it starts from, the data (one batch must fit in it), the
+    k-NN set, the precision on this device and the compiler ``train.compile`` needs.
+
+    Raises:
+        FileNotFoundError, ValueError: one line naming the input.
+    """
+    import os
+
+    from dinolab.data.datasets import BUILTIN_PREFIX
+    from dinolab.io import check_output_dir
+    from dinolab.train import loop
+
+    check_output_dir(output, "--output")
+    sources = {"distill.teacher_checkpoint": cfg.distill.teacher_checkpoint, "train.init_from": cfg.train.init_from,
+               "student.pretrained_weights": cfg.student.pretrained_weights,
+               "distill.teacher_config": cfg.distill.teacher_config}
+    for key, path in sources.items():
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{key}: {path} does not exist")
+    eval_path = cfg.data.eval_path
+    if eval_path is not None and not str(eval_path).startswith(BUILTIN_PREFIX) and not Path(eval_path).exists():
+        raise FileNotFoundError(f"--eval-data (data.eval_path) {eval_path} does not exist")
+    n = dataset_size(cfg.data.path)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batch = cfg.train.batch_size_per_gpu * world
+    if batch > n:
+        what = f"train.batch_size_per_gpu={cfg.train.batch_size_per_gpu}" + (f" x {world} processes" if world > 1 else "")
+        raise ValueError(f"{what} is larger than the {n} images of {cfg.data.path or 'the embedded digits set'}: "
+                         f"set train.batch_size_per_gpu to at most {max(n // world, 1)}")
+    device = loop.resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
+    loop.resolve_precision(cfg.train.precision, device)
+    if cfg.train.compile and device.type == "cpu" and not loop._cpp_compiler():
+        raise ValueError("train.compile=true needs a C++ compiler on CPU (g++ or c++ on the PATH, or $CXX): "
+                         "install one, or set train.compile=false")
+
+
 def run_train(args: argparse.Namespace) -> int:
     from dinolab.distributed.env import is_main
     from dinolab.train.loop import train
@@ -49,15 +133,22 @@ def run_train(args: argparse.Namespace) -> int:
     if args.high_res and args.init_from:
         raise ValueError("--high-res already initialises from its checkpoint: drop --init-from")
     cfg = build_config(args)
+    validate_run(cfg, args.output)
     try:
         summary = train(cfg, args.output, resume=not args.no_resume, progress=not args.no_progress)
     except FloatingPointError as err:
         if is_main():
             print(f"dinolab train: stopped: {err}; the last good checkpoint is kept in {args.output}/checkpoints")
         return 3
+    stopped = summary.get("interrupted")
+    code = 128 + int(signal.Signals[stopped]) if stopped else 0  # 130 SIGINT, 143 SIGTERM: the shell's convention
     if not is_main():
-        return 0
+        return code
     print(json.dumps(summary, indent=2))
+    if stopped:
+        print(f"dinolab train: interrupted by {stopped} after iteration {summary['iterations']}; checkpoint "
+              f"{summary['checkpoint']}: rerun the same command to resume (exit code {code})", file=sys.stderr)
+        return code
     if summary.get("knn_top1_final") is not None:
         print(
             f"k-NN top-1 of the teacher on {summary['knn_n_test']} held-out images: "
@@ -81,12 +172,12 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default=None,
                    help=f"one of {', '.join(preset_names())} or a .yaml path (default {DEFAULT_PRESET} with --data, "
                         f"{DEMO_PRESET} without; "
-                        f"with --high-res: {HIGH_RES_PRESET}, applied over the source run's config)")
+                        f"with --high-res: the {HIGH_RES_PRESET} deltas, applied over the source run's config)")
     p.add_argument("--distill-from", default=None, metavar="CKPT",
                    help="distil a dinolab run's checkpoint (frozen teacher with its heads) into the preset's student")
     p.add_argument("--high-res", default=None, metavar="CKPT",
                    help="high-resolution adaptation of a dinolab run from this checkpoint "
-                        "(its config + preset highres)")
+                        "(its config + the highres deltas of dinolab/configs/deltas/)")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start a new run from a dinolab checkpoint's student, teacher and heads")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if the run directory holds a checkpoint")

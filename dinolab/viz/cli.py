@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -15,9 +16,39 @@ from dinolab.viz.serve import ServeConfig, serve
 
 
 def _check_images(paths: list[str]) -> None:
+    """Each input must be an image file PIL can open (its header only: no decoding), before any work."""
+    from PIL import Image, UnidentifiedImageError
+
+    from dinolab.data.images import IMAGE_EXTENSIONS
+
     for p in paths:
-        if not Path(p).is_file():
+        if not Path(p).exists():
             raise FileNotFoundError(f"image {p} does not exist")
+        if not Path(p).is_file():  # a folder, a FIFO (opening it would block) ...
+            kind = "a folder" if Path(p).is_dir() else "not a regular file"
+            raise ValueError(f"{p} is {kind}; expected an image file")
+        try:
+            with Image.open(p):
+                pass
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+            why = "not an image" if isinstance(err, UnidentifiedImageError) else f"unreadable: {err}"
+            raise ValueError(f"{p} is {why} (expected an image: {', '.join(IMAGE_EXTENSIONS)})") from None
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse, before the model is loaded, an address the server cannot listen on (a busy port)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server does
+            sock.bind(addr)
+    except socket.gaierror as err:
+        raise ValueError(f"--host {host}: unknown address ({err.strerror})") from None
+    except OSError as err:
+        raise ValueError(_listen_error(err, host, port)) from None
 
 
 def _model(args: argparse.Namespace):
@@ -75,13 +106,33 @@ def run_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+_LISTEN_ERRNOS = (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL)
+
+
+def _listen_error(err: OSError, host: str, port: int) -> str:
+    if err.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is already in use: pick another with --port (--port 0: any free port)"
+    if err.errno == errno.EACCES:
+        return f"port {port} on {host}: permission denied (ports below 1024 need privileges): use --port 8000 or higher"
+    return f"cannot listen on {host}:{port}: {err.strerror or err}"
+
+
 def run_serve(args: argparse.Namespace) -> int:
     if not Path(args.root).is_dir():
         raise FileNotFoundError(f"--root {args.root} is not a folder")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} must be in [0, 65535]")
+    _check_port(args.host, args.port)
     explorer = ExplorerConfig(size=args.size, max_upload_bytes=int(args.max_upload_mb * 2**20))
     cfg = ServeConfig(root=args.root, arch=args.arch, weights=args.weights, host=args.host, port=args.port,
                       explorer=explorer)
-    serve(cfg, _model(args))
+    model = _model(args)
+    try:
+        serve(cfg, model)
+    except OSError as err:  # taken between the check and the bind
+        if err.errno not in _LISTEN_ERRNOS:
+            raise
+        raise ValueError(_listen_error(err, args.host, args.port)) from None
     return 0
 
 
