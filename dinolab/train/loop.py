@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -420,6 +421,12 @@ def _check_sources(cfg: Config) -> None:
 
 def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, env: DistEnv) -> dict:
     _check_sources(cfg)
+    device = resolve_device(cfg.train.device, env.local_rank)
+    precision = resolve_precision(cfg.train.precision, device)
+    images = open_dataset(cfg.data.path)  # bad input stops here, before the run folder is made
+    if cfg.train.batch_size_per_gpu * env.world_size > len(images):
+        raise ValueError(f"train.batch_size_per_gpu={cfg.train.batch_size_per_gpu} x {env.world_size} process(es) "
+                         f"is larger than the {len(images)} images of {cfg.data.path or 'the embedded set'}")
     if cfg.train.keep_freed_memory:
         keep_freed_memory()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -443,9 +450,6 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, env: DistEn
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    device = resolve_device(cfg.train.device, env.local_rank)
-    precision = resolve_precision(cfg.train.precision, device)
-    images = open_dataset(cfg.data.path)
     loader, sampler = build_loader(cfg, images, env.rank, env.world_size)
     meta = build_meta_arch(cfg).to(device)
     if cfg.train.init_from and latest is None:
@@ -564,8 +568,13 @@ def _finish(cfg, run_dir, meta, log, monitor, extra, iteration, global_batch, in
         knn = monitor(backbone)
         log.write({"iteration": iteration, **knn})
         summary.update(knn_top1_init=extra["knn_top1_init"], knn_top1_final=knn["knn_top1"], knn_n_test=knn["knn_n_test"])
+    from dinolab.train.health import health_flags
     from dinolab.train.plots import plot_run
 
-    plot_run(log.records(), run_dir / "loss_curves.png")
+    records = log.records()
+    summary["health"] = health_flags(records, cfg)  # DINO/iBOT at ln K, collapse: flags + what to try
+    for message in summary["health"]["messages"]:
+        print(f"warning: {message}", file=sys.stderr)
+    plot_run(records, run_dir / "loss_curves.png", cfg)
     atomic_write_json(run_dir / "summary.json", summary)
     return summary

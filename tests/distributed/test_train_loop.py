@@ -99,3 +99,26 @@ def test_one_process_resumes_and_consolidates_the_two_rank_checkpoint(interrupte
     assert [r["iteration"] for r in records(run) if "total" in r] == [1, 2, 3, 4, 5, 6]
     assert np.isfinite([r["total"] for r in records(run) if "total" in r]).all()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt_0000006.pth", "dcp_0000002"]
+
+
+def resume_worker(rank: int, data: str, root: str, ports: list[int]) -> None:
+    from dinolab.train import loop as loop_module
+
+    extra = ("student.drop_path_rate=0.4", "train.distributed=fsdp")  # each rank draws its own drop-path subsets
+    runs = [("full", ()), ("split", ("train.max_iters=3",)), ("split", ())]
+    for (name, more), port in zip(runs, ports):  # one process group per call
+        os.environ["MASTER_PORT"] = str(port)
+        loop_module.train(tiny_cfg(data, *extra, *more), f"{root}/{name}", progress=False)
+
+
+def test_two_ranks_resume_on_two_ranks_bit_for_bit_with_drop_path(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    x = rng.integers(0, 255, (24, 20, 20, 3), dtype=np.uint8)
+    np.savez(data, x_train=x[:18], y_train=np.arange(18) % 3, x_test=x[18:], y_test=np.arange(6) % 3)
+    run_ranks(resume_worker, 2, str(data), str(tmp_path), [free_port() for _ in range(3)])
+    fields = ("dino", "ibot", "koleo", "total")
+    full, split = ({r["iteration"]: [r[k] for k in fields] for r in records(tmp_path / name) if "total" in r}
+                   for name in ("full", "split"))
+    assert sorted(full) == [1, 2, 3, 4, 5, 6]
+    assert split == full

@@ -209,3 +209,31 @@ def test_unreadable_files_are_skipped_and_counted_in_the_summary(tmp_path):
     assert summary["skipped_files"] == 3  # 17 files, 3 x 8 draws: every file is met at least once
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["skipped_files"] == 3
+
+
+def test_an_interrupted_run_exits_with_the_signals_code(data, tmp_path, monkeypatch, capsys):
+    real_step = loop_module.train_step
+
+    def step_then_signal(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        if args[4] == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(loop_module, "train_step", step_then_signal)
+    code = main(["train", "--data", data, "--output", str(tmp_path / "run"), "--no-progress", *TINY])
+    assert code == 128 + signal.SIGINT  # 130: a scheduler can tell it from a finished run (0)
+    assert "interrupted by SIGINT after iteration 1" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoints" / "ckpt_0000001.pth").exists()
+
+
+def test_written_files_follow_the_umask(data, tmp_path):
+    old = os.umask(0o022)
+    try:
+        train(tiny_cfg(data, "train.max_iters=1"), tmp_path / "run", progress=False)
+    finally:
+        os.umask(old)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "summary.json", "teacher_backbone.pth", "teacher_backbone.safetensors",
+                 "checkpoints/ckpt_0000001.pth", "loss_curves.png"):
+        assert oct((run / name).stat().st_mode & 0o777) == oct(0o644), name
