@@ -126,16 +126,20 @@ class DinoVisionTransformer(nn.Module):
             blk.attn.varlen = enabled
 
     # ---------------------------------------------------------------- tokens
-    def interpolate_pos_encoding(self, n_tokens: int, h: int, w: int) -> torch.Tensor:
-        """Position embeddings [1, 1 + (h/p)*(w/p), D] for an input of h x w pixels.
+    def interpolate_pos_encoding(self, x: torch.Tensor, w: int, h: int) -> torch.Tensor:
+        """Position embeddings [1, 1 + (w/p)*(h/p), D] in ``x``'s dtype, for tokens x [B, 1 + N, D] (class token
+        + patches, before registers) of an image batch [B, 3, w, h].
 
-        Bicubic resampling of the stored M x M grid, exactly as the official code: with
-        ``interpolate_offset`` > 0 the output size comes from ``scale_factor=(n + offset)/M``
-        (released plain weights: 0.1), otherwise from the exact size ``(h/p, w/p)``.
+        The official signature and argument order: as in dinov2, ``w`` is the image's dim 2 (its height in
+        pixels) and ``h`` its dim 3. Bicubic resampling of the stored M x M grid, exactly as the official
+        code: with ``interpolate_offset`` > 0 the output size comes from ``scale_factor=(n + offset)/M``
+        (released plain weights: 0.1), otherwise from the exact size ``(w/p, h/p)``.
         """
+        n_tokens, dtype = x.shape[1], x.dtype
+        h, w = w, h  # below: h = rows (dim 2), w = columns (dim 3)
         N = self.pos_embed.shape[1] - 1
         if n_tokens - 1 == N and h == w:
-            return self.pos_embed
+            return self.pos_embed.to(dtype)
         pos = self.pos_embed.float()
         dim = pos.shape[-1]
         h0, w0 = h // self.patch_size, w // self.patch_size
@@ -154,7 +158,7 @@ class DinoVisionTransformer(nn.Module):
         if grid.shape[-2:] != (h0, w0):  # the scale-factor path can round one step short (PR #378)
             raise RuntimeError(f"pos-embed interpolation gave {tuple(grid.shape[-2:])}, expected {(h0, w0)}")
         grid = grid.permute(0, 2, 3, 1).reshape(1, h0 * w0, dim)
-        return torch.cat((pos[:, :1], grid), dim=1).to(self.pos_embed.dtype)
+        return torch.cat((pos[:, :1], grid), dim=1).to(self.pos_embed.dtype).to(dtype)
 
     def prepare_tokens_with_masks(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, 3, H, W], masks [B, N] bool -> tokens [B, 1 + R + N, D].
@@ -170,7 +174,7 @@ class DinoVisionTransformer(nn.Module):
                 raise ValueError(f"masks must have shape {tuple(x.shape[:2])} (batch, patches), got {tuple(masks.shape)}")
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
-        x = x + self.interpolate_pos_encoding(x.shape[1], H, W).to(x.dtype)
+        x = x + self.interpolate_pos_encoding(x, H, W)
         if self.register_tokens is not None:
             regs = self.register_tokens.expand(x.shape[0], -1, -1).to(x.dtype)
             x = torch.cat((x[:, :1], regs, x[:, 1:]), dim=1)

@@ -87,7 +87,7 @@ def test_masks_replace_exactly_the_masked_patch_embeddings():
     masks[1, 15] = True
     plain = m.prepare_tokens_with_masks(x)
     masked = m.prepare_tokens_with_masks(x, masks)
-    pos = m.interpolate_pos_encoding(17, 56, 56)
+    pos = m.interpolate_pos_encoding(torch.zeros(1, 17, m.embed_dim), 56, 56)
     changed = (plain != masked).any(-1)  # [B, 1+N]
     assert torch.equal(changed[:, 1:], masks) and not changed[:, 0].any()
     torch.testing.assert_close(masked[0, 2], m.mask_token[0] + pos[0, 2])
@@ -186,7 +186,7 @@ def test_official_interpolation_formula_with_offset():
     Rh = _official_bicubic_1d(5, 3, (3 + 0.1) / 5)
     Rw = _official_bicubic_1d(5, 7, (7 + 0.1) / 5)
     expected = np.einsum("ai,bj,ijd->abd", Rh, Rw, pos).reshape(21, -1)
-    got = m.interpolate_pos_encoding(1 + 21, H, W).detach()[0]
+    got = m.interpolate_pos_encoding(torch.zeros(1, 1 + 21, m.embed_dim), H, W).detach()[0]  # official (x, w=dim 2, h=dim 3)
     np.testing.assert_allclose(got[1:].numpy(), expected, atol=1e-5)
     torch.testing.assert_close(got[0], m.pos_embed.detach()[0, 0])
 
