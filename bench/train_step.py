@@ -100,9 +100,16 @@ def synthetic_batch(cfg, batch: int) -> dict:
                          rng=np.random.default_rng(0))
 
 
-def run_variant(name: str, arch: str, batch: int, steps: int, drop_path: float, warmup: int) -> dict:
+def build_step(v: dict, arch: str, batch: int, drop_path: float, device: str = "cpu", extra: tuple = (),
+               keep_memory: bool = True):
+    """The step of one variant, ready to run: ``(step(i) -> losses, meta, cfg)``.
+
+    ``v`` overrides :data:`EFFICIENT` (``pack_crops``, ``drop_path_mode``, ``precision`` (also ``fp16``, with a
+    ``GradScaler``), ``compile``, ``activation_checkpointing``, ``varlen_attention``, ``keep_freed_memory``);
+    ``extra``: further config overrides (``key=value``) after the ViT/14 2x224 + 8x98 ones, e.g. a tiny model.
+    Shared with ``bench/gpu_check.py``.
+    """
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from dinolab.configs import load_config
     from dinolab.train.loop import build_optimizer, schedule_config
@@ -111,39 +118,57 @@ def run_variant(name: str, arch: str, batch: int, steps: int, drop_path: float, 
     from dinolab.train.schedules import schedule_values
     from dinolab.train.step import train_step
 
-    v = {**EFFICIENT, **VARIANTS[name]}
+    v = {**EFFICIENT, **v}
     precision = v["precision"]
-    if v["keep_freed_memory"]:
+    if v["keep_freed_memory"] and keep_memory:
         keep_freed_memory()
     cfg = load_config(None, [
         f"student.arch={arch}", "student.patch_size=14", f"student.drop_path_rate={drop_path}",
         f"student.drop_path_mode={v['drop_path_mode']}", "crops.global_crops_size=224", "crops.local_crops_size=98",
         "crops.local_crops_number=8", f"train.pack_crops={v['pack_crops']}", f"train.batch_size_per_gpu={batch}",
         f"train.activation_checkpointing={v['activation_checkpointing']}",
-        f"train.varlen_attention={v['varlen_attention']}",
+        f"train.varlen_attention={v['varlen_attention']}", *extra,
     ])
+    dev = torch.device(device)
     torch.manual_seed(0)
-    meta = SSLMetaArch(cfg)
+    if dev.type == "cuda":  # built in place: initialising a ViT-L/g meta-architecture on the CPU takes seconds
+        with dev:
+            meta = SSLMetaArch(cfg)
+    else:
+        meta = SSLMetaArch(cfg)
+    meta = meta.to(dev)
     if v["compile"]:
         from dinolab.train.loop import compile_backbones
 
         compile_backbones(meta)
     opt = build_optimizer(meta, cfg)
+    scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
     sched = schedule_values(schedule_config(cfg, batch), 1000)
-    data = synthetic_batch(cfg, batch)
+    data = {k: t.to(dev) if torch.is_tensor(t) else t for k, t in synthetic_batch(cfg, batch).items()}
+
+    def step(i: int) -> dict:
+        return train_step(meta, opt, data, sched, i, precision, cfg.optim.clip_grad, scaler)
+
+    return step, meta, cfg
+
+
+def run_variant(name: str, arch: str, batch: int, steps: int, drop_path: float, warmup: int) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step, _, _ = build_step(VARIANTS[name], arch, batch, drop_path)
     for i in range(warmup):  # (and compilation)
-        train_step(meta, opt, data, sched, i, precision, cfg.optim.clip_grad)
+        step(i)
     times = []
     for i in range(steps):
         t0 = time.perf_counter()
-        train_step(meta, opt, data, sched, i, precision, cfg.optim.clip_grad)
+        step(i)
         times.append(time.perf_counter() - t0)
     dt = sum(times) / steps
     out = {"images_per_second": batch / dt, "seconds_per_step": dt, "best_seconds_per_step": min(times),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if name == "efficient":
         with FlopCounterMode(display=False) as counter:
-            train_step(meta, opt, data, sched, 0, precision, cfg.optim.clip_grad)
+            step(0)
         out["flops_per_step"] = counter.get_total_flops()
         # the peak again, in this process right after the steps: shared machines drift by +-10% in minutes
         out["adjacent_bf16_peak"] = gemm_peak("bfloat16")
