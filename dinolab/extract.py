@@ -180,20 +180,23 @@ def check_output_file(path: str | Path) -> Path:
 
 def run_extract(args: argparse.Namespace) -> int:
     from dinolab.io import check_listed_files
-    from dinolab.models import build_backbone
+    from dinolab.models.resolve import resize_for, resolve_backbone
 
     check_output_file(args.out)
     paths = resolve_image_source(args.images)
     if not paths:
         raise ValueError(f"no image files found in {args.images}")
     check_listed_files(paths, args.images)
-    model = build_backbone(args.arch or ("auto" if args.weights else "vits14"), weights=args.weights)
+    resolved = resolve_backbone(weights=args.weights, run=args.run, arch=args.arch)
+    model = resolved.model
+    size = args.size or resolved.input_size
+    resize = resize_for(size) if args.resize is None else (args.resize or None)
     cfg = ExtractConfig(
-        batch_size=args.batch_size, size=args.size, resize=args.resize or None, patch_tokens=args.patch_tokens,
+        batch_size=args.batch_size, size=size, resize=resize, patch_tokens=args.patch_tokens,
         layers=args.layers, bf16=args.bf16, compile=args.compile, num_workers=args.workers,
     )
     feats = extract_features(model, paths, cfg)
-    meta = {"arch": args.arch, "weights": str(args.weights), **cfg.__dict__}
+    meta = {**resolved.info, **cfg.__dict__}
     save_features(feats, args.out, meta)
     print(f"wrote {len(feats['paths'])} images ({len(feats['skipped'])} skipped) to {args.out}")
     return 0
@@ -202,12 +205,17 @@ def run_extract(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("extract", help="extract class (and patch) tokens of images to .npz/.safetensors")
     p.add_argument("--arch", default=None, help="backbone name (vits14, vitb14_reg, ...); default: read off "
-                   "--weights, or vits14 without weights")
+                   "--weights (auto), or vits14 randomly initialised without weights")
     p.add_argument("--weights", default=None, help="local weights file; omitted: random initialisation")
+    p.add_argument("--run", default=None, help="a training run folder: its exported teacher, its architecture "
+                   "and its global crop size")
     p.add_argument("--images", required=True, help="a folder (recursive), an image, or a .txt list of paths")
     p.add_argument("--out", required=True, help="output file (.npz or .safetensors)")
-    p.add_argument("--size", type=int, default=224, help="centre-crop size (a multiple of the patch size)")
-    p.add_argument("--resize", type=int, default=256, help="short side before the crop (0: straight to --size)")
+    p.add_argument("--size", type=int, default=None, help="centre-crop size (a multiple of the patch size); "
+                   "default: the model's own (--run: its global crop size; weights: their position grid, "
+                   "at most 16 patches: 224 for patch 14)")
+    p.add_argument("--resize", type=int, default=None, help="short side before the crop (0: straight to --size); "
+                   "default: size x 256/224, the official evaluation transform")
     p.add_argument("--patch-tokens", action="store_true", help="also store patch tokens")
     p.add_argument("--layers", type=int, default=1, help="tokens of the last N blocks")
     p.add_argument("--batch-size", type=int, default=32)

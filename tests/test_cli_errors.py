@@ -127,7 +127,7 @@ def test_extract_list_without_any_existing_file(tmp_path, missing_list, no_model
 def test_viz_on_a_text_file(tmp_path, monkeypatch, capsys, what):
     import dinolab.viz.cli as viz_cli
 
-    monkeypatch.setattr(viz_cli, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    monkeypatch.setattr(viz_cli, "resolve_backbone", lambda *a, **k: pytest.fail("model loaded before the check"))
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image")
     out = tmp_path / "out.png"
@@ -139,7 +139,7 @@ def test_viz_on_a_text_file(tmp_path, monkeypatch, capsys, what):
 def test_viz_match_on_a_folder(tmp_path, images, monkeypatch, capsys):
     import dinolab.viz.cli as viz_cli
 
-    monkeypatch.setattr(viz_cli, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    monkeypatch.setattr(viz_cli, "resolve_backbone", lambda *a, **k: pytest.fail("model loaded before the check"))
     assert main(["viz", "match", str(images / "0.png"), str(images), "--out", str(tmp_path / "m.png")]) == 2
     one_error_line(capsys, "viz", str(images), "folder")
 
@@ -148,7 +148,7 @@ def test_viz_match_on_a_folder(tmp_path, images, monkeypatch, capsys):
 def test_serve_on_a_busy_port(tmp_path, monkeypatch, capsys):
     import dinolab.viz.cli as viz_cli
 
-    monkeypatch.setattr(viz_cli, "load_model", lambda *a, **k: pytest.fail("model loaded before the port check"))
+    monkeypatch.setattr(viz_cli, "resolve_backbone", lambda *a, **k: pytest.fail("model loaded before the port check"))
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -163,11 +163,15 @@ def test_serve_bind_race_is_one_line(tmp_path, monkeypatch, capsys):
     def taken(cfg, model):
         raise OSError(errno.EADDRINUSE, "Address already in use")
 
-    monkeypatch.setattr(viz_cli, "load_model", lambda *a, **k: None)
+    from dinolab.models import build_backbone
+    from dinolab.models.resolve import ResolvedBackbone
+
+    tiny = build_backbone("vit_small", patch_size=14, embed_dim=32, depth=1, num_heads=2, img_size=28)
+    monkeypatch.setattr(viz_cli, "resolve_backbone", lambda *a, **k: ResolvedBackbone(tiny, 28, {}))
     monkeypatch.setattr(viz_cli, "serve", taken)
     assert main(["serve", "--root", str(tmp_path), "--port", "0"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("dinolab: no --weights given")  # the model was built: the bind came after
+    assert err[0].startswith("dinolab: no --weights or --run given")  # the model was built: the bind came after
     assert err[1:] == ["dinolab serve: error: port 0 on 127.0.0.1 is already in use: "
                        "pick another with --port (--port 0: any free port)"]
 

@@ -53,10 +53,25 @@ def parse_named(items: list[str] | None, option: str) -> tuple[dict[str, str], l
     return named, overrides
 
 
+def _model_flags(args: argparse.Namespace) -> dict:
+    """``--run DIR``: its teacher, the architecture read off it, its crop size; ``--weights`` without ``--arch``:
+    the architecture read off the weights and their input size (:mod:`dinolab.models.resolve`)."""
+    from dinolab.models.resolve import resize_for, resolve_backbone, run_weights
+
+    if getattr(args, "run", None) is None and args.weights is None:
+        return {}
+    resolved = resolve_backbone(weights=args.weights, run=getattr(args, "run", None), arch=args.arch)
+    size = resolved.input_size
+    flags = {"arch": args.arch or "auto", "embed": {"crop_size": size, "resize_size": resize_for(size)}}
+    if getattr(args, "run", None) is not None:
+        flags["weights"] = str(run_weights(args.run))
+    return flags
+
+
 def build_config(args: argparse.Namespace, extra_overrides: list[str] | None = None) -> CurateConfig:
     """:class:`CurateConfig` from defaults, ``--arch``/``--weights``/flags, then ``key=value`` overrides."""
     base = OmegaConf.structured(CurateConfig)
-    flags = {"arch": args.arch, "weights": args.weights}
+    flags = {"arch": args.arch, "weights": args.weights, **_model_flags(args)}
     if args.recompute:
         flags["on_change"] = "recompute"
     if args.hierarchical:
@@ -135,7 +150,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     parser.add_argument("--arch", default=None, help="backbone, e.g. vits14 or vitl14_reg (default vits14)")
-    parser.add_argument("--weights", default=None, help="backbone weights .pth / .safetensors")
+    parser.add_argument("--weights", default=None, help="backbone weights .pth / .safetensors (architecture and "
+                        "input size read off them unless --arch / embed.crop_size=...)")
+    parser.add_argument("--run", default=None, help="a training run folder: its exported teacher, architecture "
+                        "and global crop size")
     parser.add_argument(
         "--hierarchical", action="store_true", help="also draw a balanced sample with hierarchical k-means"
     )

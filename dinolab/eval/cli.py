@@ -31,6 +31,7 @@ from dinolab.eval import data as eval_data
 from dinolab.eval import depth, knn, linear, logreg, retrieval, segmentation
 from dinolab.eval.features import model_fingerprint, resolve_device
 from dinolab.eval.report import write_results
+from dinolab.models.resolve import load_backbone_from_run, resolve_backbone  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -52,56 +53,15 @@ PROTOCOLS: dict[str, Protocol] = {
     ),
     "depth": Protocol(depth.DepthConfig, lambda p, c: eval_data.load_depth(p), depth.run),
 }
-
-
-def load_backbone_from_run(run_dir: str | Path) -> tuple[nn.Module, dict]:
-    """The teacher backbone a training run exported, built as the run's config describes it.
-
-    Reads ``run_dir/teacher_backbone.safetensors`` (else ``.pth``) and the architecture from
-    ``run_dir/config.yaml``: ``student.*`` (dinolab's training schema: arch, patch_size, sizes,
-    registers, LayerScale) or a plain ``model.arch``. The position-embedding grid (``img_size``)
-    is read off the weights, so they load without resampling.
-    """
-    from dinolab.configs.schema import load_yaml
-    from dinolab.models import build_backbone
-    from dinolab.models.checkpoints import infer_arch_kwargs
-    from dinolab.models.factory import read_weights
-
-    run_dir = Path(run_dir)
-    weights = next((run_dir / f"teacher_backbone{s}" for s in (".safetensors", ".pth")
-                    if (run_dir / f"teacher_backbone{s}").exists()), None)
-    if weights is None:
-        raise FileNotFoundError(f"{run_dir}: no teacher_backbone.safetensors (or .pth); has the run finished?")
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} does not exist (needed for the architecture of --run)")
-    cfg = load_yaml(cfg_path)
-    student = OmegaConf.select(cfg, "student")
-    arch = OmegaConf.select(cfg, "model.arch") or (student.get("arch") if student else None)
-    if arch is None:
-        raise ValueError(f"{cfg_path}: no student.arch or model.arch key")
-    state = read_weights(weights)
-    overrides = {"img_size": infer_arch_kwargs(state)["img_size"]}
-    if student is not None:
-        keys = ("patch_size", "embed_dim", "depth", "num_heads", "ffn_layer", "num_register_tokens")
-        overrides.update({k: student[k] for k in keys if student.get(k) is not None})
-        if student.get("layerscale") is not None:
-            overrides["init_values"] = student["layerscale"]
-        registers = bool(student.get("num_register_tokens"))
-        overrides.update(interpolate_offset=0.0 if registers else 0.1, interpolate_antialias=registers)
-    model = build_backbone(str(arch), weights=state, **overrides)
-    return model, {"arch": str(arch), "weights": str(weights), "run": str(run_dir)}
+CLASSIFICATION_PROTOCOLS = ("knn", "linear", "logreg", "retrieval")  # square inputs: image_size is one int
 
 
 def load_model(arch: str | None, weights: str | None, run: str | None) -> tuple[nn.Module, dict]:
-    """A backbone from ``--run DIR`` or ``--arch`` (+ ``--weights``; none: random initialisation)."""
-    if run:
-        return load_backbone_from_run(run)
-    if not arch:
-        raise ValueError("give --arch (with --weights, or none for a random initialisation) or --run DIR")
-    from dinolab.models import build_backbone
-
-    return build_backbone(arch, weights=weights), {"arch": arch, "weights": weights or "random init"}
+    """A backbone from ``--run DIR``, ``--weights`` (architecture read off it unless ``--arch``) or ``--arch``
+    (random initialisation): :func:`dinolab.models.resolve.resolve_backbone`; ``info["input_size"]`` is the
+    size that fits it (the run's crop size, the weights' grid)."""
+    resolved = resolve_backbone(weights=weights, run=run, arch=arch)
+    return resolved.model, {**resolved.info, "input_size": resolved.input_size}
 
 
 def build_config(protocol: str, overrides: list[str]) -> Any:
@@ -137,6 +97,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, info = load_model(args.arch, args.weights, args.run)
+    if args.run and args.image_size is None and args.protocol in CLASSIFICATION_PROTOCOLS:
+        cfg.image_size = info["input_size"]  # the run's own crop size, as during its training-time k-NN
     model = model.to(resolve_device(args.device)).eval()
     info["fingerprint"] = model_fingerprint(model)
     artifacts: dict = {}
@@ -159,9 +121,11 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("protocol", choices=list(PROTOCOLS), help="evaluation protocol")
-    p.add_argument("--arch", help="backbone name (vits14, vitb14_reg, vit_small ...)")
+    p.add_argument("--arch", help="backbone name (vits14, vitb14_reg, vit_small ...); default: read off --weights "
+                   "(auto), or vits14 randomly initialised without weights")
     p.add_argument("--weights", help="local weights file (.pth / .safetensors); omitted: random init")
-    p.add_argument("--run", help="training run directory (teacher_backbone.safetensors + config.yaml)")
+    p.add_argument("--run", help="training run directory (teacher_backbone.safetensors + config.yaml): its "
+                   "architecture, and its global crop size as the input size of knn/linear/logreg/retrieval")
     p.add_argument("--data", required=True, help="dataset file or folder (format: dinolab.eval.data)")
     p.add_argument("--out", help="results JSON path (a Markdown report and PNGs are written beside it)")
     p.add_argument("--image-size", help="input size: an int (square) or [H,W] for dense protocols")

@@ -20,7 +20,7 @@ import sys
 import json
 from pathlib import Path
 
-from dinolab.configs.schema import Config, load_config, load_run_config, preset_names
+from dinolab.configs.schema import Config, load_config, load_run_config, preset_names, to_yaml
 
 DEFAULT_PRESET = "cpu"
 DEMO_PRESET = "demo"  # the embedded default (no --data): the cpu recipe, minutes long
@@ -133,6 +133,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.high_res and args.init_from:
         raise ValueError("--high-res already initialises from its checkpoint: drop --init-from")
     cfg = build_config(args)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
     validate_run(cfg, args.output)
     try:
         summary = train(cfg, args.output, resume=not args.no_resume, progress=not args.no_progress)
@@ -182,5 +185,7 @@ def register(subparsers) -> None:
                    help="start a new run from a dinolab checkpoint's student, teacher and heads")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if the run directory holds a checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (preset + flags + overrides) as YAML and exit")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.set_defaults(func=run_train)

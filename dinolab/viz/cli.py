@@ -10,7 +10,7 @@ from pathlib import Path
 from dinolab.viz.attention import AttentionConfig, class_attention, save_attention_figure
 from dinolab.viz.explorer import ExplorerConfig
 from dinolab.viz.matching import MatchConfig, match_images, save_match_figure
-from dinolab.viz.patches import load_model
+from dinolab.models.resolve import resolve_backbone
 from dinolab.viz.pca import SCOPES, SIGN_RULES, PCAConfig, pca_maps, save_pca_figure
 from dinolab.viz.serve import ServeConfig, serve
 
@@ -52,16 +52,27 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _model(args: argparse.Namespace):
-    if not args.weights:
-        print(f"dinolab: no --weights given: {args.arch} is randomly initialised, the maps show noise",
-              file=sys.stderr)
-    return load_model(args.arch, args.weights)
+    """The backbone of ``--run``/``--weights``/``--arch`` in eval mode; fills ``args.size`` when not given: the
+    command's default scaled to the model (``default_size / 224`` times its input size, in whole patches)."""
+    if not args.weights and not args.run:
+        print(f"dinolab: no --weights or --run given: {args.arch or 'vits14'} is randomly initialised, the maps "
+              "show noise", file=sys.stderr)
+    resolved = resolve_backbone(weights=args.weights, run=args.run, arch=args.arch)
+    if args.size is None:
+        patch = resolved.model.patch_size
+        args.size = patch * max(1, round(resolved.input_size * args.default_size / 224 / patch))
+    return resolved.model.eval()
 
 
 def _add_model_args(p: argparse.ArgumentParser, size: int) -> None:
-    p.add_argument("--arch", default="vits14", help="backbone name (vits14, vitb14_reg, ...) [vits14]")
+    p.add_argument("--arch", default=None, help="backbone name (vits14, vitb14_reg, ...); default: read off "
+                   "--weights (auto), or vits14 randomly initialised without weights")
     p.add_argument("--weights", default=None, help="local .pth/.safetensors weights (default: random init)")
-    p.add_argument("--size", type=int, default=size, help=f"shorter image side in pixels [{size}]")
+    p.add_argument("--run", default=None, help="a training run folder: its exported teacher and crop size")
+    p.add_argument("--size", type=int, default=None,
+                   help=f"shorter image side in pixels; default: {size} for a model made for 224 px (patch 14), "
+                        "scaled to the model's own input size otherwise (e.g. a run's 32-px crops)")
+    p.set_defaults(default_size=size)
 
 
 def _add_foreground_args(p: argparse.ArgumentParser) -> None:
@@ -80,8 +91,9 @@ def _pca_config(args: argparse.Namespace, **extra) -> PCAConfig:
 
 def run_pca(args: argparse.Namespace) -> int:
     _check_images(args.images)
+    model = _model(args)
     cfg = _pca_config(args, scope=args.scope)
-    maps = pca_maps(_model(args), args.images, cfg)
+    maps = pca_maps(model, args.images, cfg)
     out = save_pca_figure(maps, args.out, names=[Path(p).name for p in args.images], upsample=cfg.upsample)
     print(out)
     return 0
@@ -89,9 +101,9 @@ def run_pca(args: argparse.Namespace) -> int:
 
 def run_match(args: argparse.Namespace) -> int:
     _check_images([args.image_a, args.image_b])
+    model = _model(args)
     cfg = MatchConfig(size=args.size, max_matches=args.max_matches, nms_radius=args.nms_radius,
                       foreground=_pca_config(args))
-    model = _model(args)
     a, b, matches = match_images(model, args.image_a, args.image_b, cfg)
     names = (Path(args.image_a).name, Path(args.image_b).name)
     print(save_match_figure(a.image, b.image, matches, model.patch_size, args.out, names))
@@ -100,8 +112,9 @@ def run_match(args: argparse.Namespace) -> int:
 
 def run_attention(args: argparse.Namespace) -> int:
     _check_images([args.image])
+    model = _model(args)
     cfg = AttentionConfig(size=args.size, show_registers=args.show_registers)
-    att = class_attention(_model(args), args.image, cfg.size)
+    att = class_attention(model, args.image, cfg.size)
     print(save_attention_figure(att, args.out, cfg))
     return 0
 
@@ -123,10 +136,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} must be in [0, 65535]")
     _check_port(args.host, args.port)
-    explorer = ExplorerConfig(size=args.size, max_upload_bytes=int(args.max_upload_mb * 2**20))
-    cfg = ServeConfig(root=args.root, arch=args.arch, weights=args.weights, host=args.host, port=args.port,
-                      explorer=explorer)
     model = _model(args)
+    explorer = ExplorerConfig(size=args.size, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    cfg = ServeConfig(root=args.root, arch=args.arch or "vits14", weights=args.weights, host=args.host,
+                      port=args.port, explorer=explorer)
     try:
         serve(cfg, model)
     except OSError as err:  # taken between the check and the bind

@@ -63,7 +63,10 @@ def run_viz(monkeypatch, tiny_model):
 
     from dinolab.viz import cli as viz_cli
 
-    monkeypatch.setattr(viz_cli, "load_model", lambda arch, weights: tiny_model)
+    from dinolab.models.resolve import ResolvedBackbone, native_input_size
+
+    monkeypatch.setattr(viz_cli, "resolve_backbone", lambda weights=None, run=None, arch=None: ResolvedBackbone(
+        tiny_model, native_input_size(tiny_model), {}))
 
     def run(argv: list[str]) -> int:
         parser = argparse.ArgumentParser(prog="dinolab")
