@@ -50,6 +50,7 @@ class StudentConfig:
     ffn_layer: str = "mlp"  # "mlp" or "swiglufused"
     num_register_tokens: int = 0
     pretrained_weights: str | None = None  # initialise the student (and teacher) backbone from a file
+    img_size: int | None = None  # position grid in pixels; None: crops.global_crops_size (--adapt: the weights' grid)
     freeze_backbone: bool = False  # train the heads only (e.g. heads for an official backbone, to distil from)
 
     def __post_init__(self) -> None:
@@ -211,14 +212,43 @@ class TrainConfig:
     device: str = "auto"
     distributed: str = "fsdp"  # under torchrun with >1 process: "fsdp" (FSDP2, sharded) or "ddp" (replicated)
     init_from: str | None = None  # start a new run from a dinolab checkpoint (student, teacher, heads)
+    # where scalars go: jsonl (always: resume reads metrics.jsonl), tensorboard, wandb, mlflow (dinolab.train.loggers)
+    loggers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
 
     def __post_init__(self) -> None:
+        from dinolab.train.loggers import check_names
+
+        check_names(self.loggers)
         _check(self.batch_size_per_gpu > 0, f"train.batch_size_per_gpu must be positive, got {self.batch_size_per_gpu}")
         _check(self.precision in ("auto", "bf16", "fp16", "fp32"), f"train.precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         _check(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
         _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _check(self.distributed in ("fsdp", "ddp"),
                f"train.distributed must be 'fsdp' or 'ddp', got {self.distributed!r}")
+
+
+@dataclass
+class AdaptConfig:
+    """Continued pretraining of a released backbone (``dinolab train --adapt WEIGHTS``): the student and the
+    teacher start from ``student.pretrained_weights``; for ``head_warmup_iters`` only the (random) heads
+    train, the backbone frozen; then the whole model, with an optional feature anchor to the source."""
+
+    weights: str | None = None  # the source weights as given (file or run folder); set by --adapt
+    head_warmup_iters: int | None = None  # None: head_warmup_fraction of the run's iterations
+    head_warmup_fraction: float = 0.1
+    anchor_weight: float = 0.0  # x mean(1 - cos) to a frozen copy of the source backbone, logged as `anchor`
+    anchor_tokens: str = "cls+patch"  # "cls", "patch" (mean patch token) or "cls+patch" (their mean)
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.head_warmup_fraction < 1.0,
+               f"adapt.head_warmup_fraction must be in [0, 1), got {self.head_warmup_fraction}")
+        _check(self.anchor_weight >= 0.0, f"adapt.anchor_weight must be >= 0, got {self.anchor_weight}")
+        _check(self.anchor_tokens in ("cls", "patch", "cls+patch"),
+               f"adapt.anchor_tokens must be cls, patch or cls+patch, got {self.anchor_tokens!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.weights is not None
 
 
 @dataclass
@@ -245,6 +275,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
     def __post_init__(self) -> None:
         for name in ("global_crops_size", "local_crops_size"):
@@ -256,6 +287,10 @@ class Config:
                    "distillation trains the student without stochastic depth (paper §5): "
                    f"set student.drop_path_rate=0, got {self.student.drop_path_rate}")
             _check(not self.student.freeze_backbone, "student.freeze_backbone cannot be combined with distillation")
+        if self.adapt.enabled:
+            _check(not self.distill.enabled, "--adapt cannot be combined with distillation (--distill-from)")
+            _check(self.student.pretrained_weights is not None,
+                   "adapt.weights needs student.pretrained_weights (dinolab train --adapt sets both)")
 
 
 def preset_names() -> list[str]:

@@ -53,6 +53,7 @@ from dinolab.io import atomic_write_json, atomic_write_text
 from dinolab.models.checkpoints import save_backbone
 from dinolab.train.checkpointer import Checkpointer, load_meta_weights, read_model_state
 from dinolab.train.host_memory import keep_freed_memory
+from dinolab.train.loggers import check_available as check_loggers_available
 from dinolab.models.vit import DinoVisionTransformer
 from dinolab.train.meta_arch import SSLMetaArch
 from dinolab.train.monitor import KnnMonitor
@@ -62,7 +63,7 @@ from dinolab.train.step import train_step
 
 # Settings that may change between a run and its resume without changing its results.
 _RESUME_FREE = {"train.max_iters", "train.num_workers", "train.log_every", "train.device", "train.knn_every",
-                "train.distributed", "train.checkpoint_every", "train.keep_last",
+                "train.distributed", "train.checkpoint_every", "train.keep_last", "train.loggers",
                 # how the same step is executed (a resumed run may need another, e.g. no C++ compiler there)
                 "train.compile", "train.keep_freed_memory", "train.varlen_attention", "train.activation_checkpointing"}
 
@@ -175,11 +176,16 @@ def build_loader(cfg: Config, images: Dataset, rank: int = 0, world_size: int = 
 
 
 def build_meta_arch(cfg: Config) -> SSLMetaArch:
-    """The self-supervised meta-architecture, or the distillation one when ``distill.teacher_checkpoint`` is set."""
+    """The self-supervised meta-architecture, the distillation one when ``distill.teacher_checkpoint`` is set,
+    or the adaptation one (head warm-up, feature anchor) when ``adapt.weights`` is."""
     if cfg.distill.enabled:
         from dinolab.train.distill import DistillMetaArch
 
         return DistillMetaArch.from_config(cfg)
+    if cfg.adapt.enabled:
+        from dinolab.train.adapt import AdaptMetaArch
+
+        return AdaptMetaArch(cfg)
     return SSLMetaArch(cfg)
 
 
@@ -237,27 +243,26 @@ def _config_diff(saved: Config, new: Config) -> list[str]:
 
 # ------------------------------------------------------------------ logging
 class RunLog:
-    """Metrics as JSON lines (``metrics.jsonl``) and TensorBoard events (``tb/``).
+    """Metrics as JSON lines (``metrics.jsonl``, always: resume and the plots read it) fanned out to the other
+    ``train.loggers`` (TensorBoard ``tb/``, Weights & Biases, MLflow: :mod:`dinolab.train.loggers`).
 
-    ``purge_step``: on resume, TensorBoard drops the events a killed run wrote past its checkpoint.
+    ``purge_step``: on resume (not None), TensorBoard drops the events a killed run wrote past its checkpoint,
+    and W&B and MLflow continue the run folder's run.
     """
 
-    def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, run_dir: Path, purge_step: int | None = None, loggers=("jsonl", "tensorboard"),
+                 config: Config | None = None) -> None:
+        import dataclasses
 
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
-        except ImportError:  # tensorboard is optional at run time
-            self.tb = None
+        from dinolab.train.loggers import open_loggers
+
+        self.path = run_dir / "metrics.jsonl"
+        config_dict = dataclasses.asdict(config) if config is not None else {}
+        self.loggers = open_loggers(loggers, run_dir, config_dict, purge_step)
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "iteration" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["iteration"])
+        for logger in self.loggers:
+            logger.log_scalars(record, record["iteration"])
 
     def records(self) -> list[dict]:
         """Every complete record; a partial last line (a process killed while writing it) is left out."""
@@ -276,9 +281,17 @@ class RunLog:
         kept = [r for r in self.records() if r["iteration"] <= iteration]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
+    def finish(self, summary: dict, *artifacts: Path) -> None:
+        """The run's summary and files (plots, ``summary.json``) to the loggers that keep them."""
+        for logger in self.loggers:
+            logger.log_summary(summary)
+            for path in artifacts:
+                if path.exists():
+                    logger.log_artifact(path)
+
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for logger in self.loggers:
+            logger.close()
 
 
 @contextmanager
@@ -421,6 +434,7 @@ def _check_sources(cfg: Config) -> None:
 
 def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, env: DistEnv) -> dict:
     _check_sources(cfg)
+    check_loggers_available(cfg.train.loggers)  # a missing wandb/mlflow package: one line, before any work
     device = resolve_device(cfg.train.device, env.local_rank)
     precision = resolve_precision(cfg.train.precision, device)
     images = open_dataset(cfg.data.path)  # bad input stops here, before the run folder is made
@@ -469,7 +483,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, env: DistEn
     start, extra = 0, {"knn_top1_init": None, "train_seconds": 0.0}
     if latest is not None:
         start, extra = _resume(latest, latest_state, meta, optimizer, sampler, cfg, env)
-    log = RunLog(run_dir, purge_step=start + 1 if latest is not None else None) if env.is_main else None
+    log = RunLog(run_dir, purge_step=start + 1 if latest is not None else None, loggers=cfg.train.loggers,
+                 config=cfg) if env.is_main else None
     if latest is not None:
         if log is not None:
             log.truncate_after(start)
@@ -577,4 +592,5 @@ def _finish(cfg, run_dir, meta, log, monitor, extra, iteration, global_batch, in
         print(f"warning: {message}", file=sys.stderr)
     plot_run(records, run_dir / "loss_curves.png", cfg)
     atomic_write_json(run_dir / "summary.json", summary)
+    log.finish(summary, run_dir / "loss_curves.png", run_dir / "summary.json")
     return summary
