@@ -74,6 +74,8 @@ def build_config(args: argparse.Namespace, extra_overrides: list[str] | None = N
     flags = {"arch": args.arch, "weights": args.weights, **_model_flags(args)}
     if args.recompute:
         flags["on_change"] = "recompute"
+    if getattr(args, "strict", False):
+        flags["strict"] = True
     if args.hierarchical:
         flags["hierarchical_sample"] = True
     try:
@@ -158,5 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--hierarchical", action="store_true", help="also draw a balanced sample with hierarchical k-means"
     )
     parser.add_argument("--recompute", action="store_true", help="recompute stages whose configuration changed")
+    parser.add_argument("--strict", action="store_true", help="stop when a stage removes most of the pool or its "
+                        "threshold lies inside the bulk of the similarities (default: a one-line warning)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
     parser.set_defaults(func=run)

@@ -141,6 +141,12 @@ def nearest_neighbour_similarities(stage: Stage) -> np.ndarray:
     return np.concatenate([stage.load_shard(i)["nn_sim"] for i in range(num_shards)])
 
 
+def relative_similarities(stage: Stage) -> np.ndarray:
+    """[N] similarity of each pool row to its nearest evaluation image, from a finished relative-dedup stage."""
+    num_shards = len(stage.read_manifest()["shards"])
+    return np.concatenate([stage.load_shard(i)["eval_sim"] for i in range(num_shards)])
+
+
 def eval_hits(index: PoolIndex, queries: np.ndarray) -> np.ndarray:
     """Similarity of each query [n, D] to its nearest evaluation image -> [n] float32."""
     sims, _ = index.search(queries, 1)

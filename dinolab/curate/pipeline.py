@@ -31,7 +31,14 @@ import numpy as np
 import torch
 
 from dinolab.curate.cluster import ClusterAssignment, KMeansConfig, pool_kmeans
-from dinolab.curate.dedup import DedupConfig, nearest_neighbour_similarities, relative_dedup, self_dedup
+from dinolab.curate.dedup import (
+    DedupConfig,
+    nearest_neighbour_similarities,
+    relative_dedup,
+    relative_similarities,
+    self_dedup,
+)
+from dinolab.curate.guard import outcome_problem
 from dinolab.curate.embed import EmbedConfig, dist_env, embed_images
 from dinolab.curate.hierarchical import HierarchicalConfig, run_hierarchical
 from dinolab.curate.index import IndexConfig, PoolIndex, build_index
@@ -62,6 +69,8 @@ class CurateConfig:
         report: report settings.
         chunk_rows: rows per chunk when the pool is a precomputed embeddings file.
         on_change: a stage already run with another configuration: ``error`` or ``recompute``.
+        strict: a stage whose outcome looks wrong (most of the pool removed, a threshold inside the bulk of
+            the similarities: :mod:`dinolab.curate.guard`) stops the run instead of warning.
     """
 
     arch: str = "vits14"
@@ -76,6 +85,7 @@ class CurateConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     chunk_rows: int = 65536
     on_change: str = "error"
+    strict: bool = False
 
 
 # Settings that change speed, not results: left out of stage hashes so a run can resume elsewhere.
@@ -235,6 +245,9 @@ def run_curation(
     labels = self_dedup(store, cfg.dedup, dedup_stage, cfg.index, indexes.full)
     indexes.release_full()
     counts["self_dedup"] = dedup_stage.outputs
+    _guard(counts, cfg, outcome_problem("self-dedup", "dedup.threshold", store.num_rows,
+                                        dedup_stage.outputs["num_kept"], nearest_neighbour_similarities(dedup_stage),
+                                        cfg.dedup.threshold))
 
     eval_emb = np.concatenate([s.gather(np.arange(s.num_rows)) for s in eval_stores.values()]) if eval_stores \
         else np.zeros((0, store.dim), np.float32)
@@ -244,6 +257,10 @@ def run_curation(
     }, cfg.on_change)
     keep = relative_dedup(store, eval_emb, labels, cfg.dedup, relative_stage)
     counts["relative_dedup"] = relative_stage.outputs
+    if eval_stores:
+        _guard(counts, cfg, outcome_problem("relative dedup", "dedup.relative_threshold",
+                                            dedup_stage.outputs["num_kept"], len(keep),
+                                            relative_similarities(relative_stage), cfg.dedup.relative_threshold))
 
     methods = {n: cfg.retrieve.method_for(s.num_rows) for n, s in seed_stores.items()}
     clusters, cluster_hash = None, None
@@ -270,6 +287,16 @@ def run_curation(
 
     _report(out, store, counts, dedup_stage, labels, clusters, cfg)
     return counts
+
+
+def _guard(counts: dict[str, Any], cfg: CurateConfig, problem: str | None) -> None:
+    """Log a stage's outcome problem (:mod:`dinolab.curate.guard`) and keep it in the counts; an error if strict."""
+    if problem is None:
+        return
+    if cfg.strict:
+        raise ValueError(f"{problem} (--strict)")
+    log.warning(problem)
+    counts.setdefault("warnings", []).append(problem)
 
 
 def _check_dims(store: EmbeddingStore, others: dict[str, EmbeddingStore]) -> None:
