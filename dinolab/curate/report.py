@@ -45,13 +45,13 @@ def save_histogram(
     path: Path, nn_sim: np.ndarray, thresholds: dict[str, float], bins: int = 100
 ) -> None:
     """Histogram PNG of nearest-neighbour similarities [N], with vertical lines at ``thresholds``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch, no figure registry
 
     values = nn_sim[np.isfinite(nn_sim)]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.hist(values, bins=bins, range=(min(-0.1, float(values.min(initial=0))), 1.0), color="0.4")
     for i, (name, value) in enumerate(thresholds.items()):
         ax.axvline(value, color=f"C{i}", linestyle="--", label=f"{name} {value:g}")
@@ -63,7 +63,6 @@ def save_histogram(
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def save_grid(path: Path, rows_of_paths: list[list[str]], thumb: int = 96) -> bool:

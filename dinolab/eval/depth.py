@@ -51,7 +51,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dinolab.eval.data import DepthData, DepthGroup, DepthSplit
-from dinolab.eval.features import FeatureConfig, FeatureSpec, dense_preprocess, extract
+from dinolab.eval.features import FeatureConfig, FeatureSpec, dense_preprocess, extract, keeps_global_rng
 
 # max depth (m) by a name fragment of the dataset / group, as the official depth heads
 DEPTH_RANGES = {"kitti": 80.0, "nyu": 10.0, "indoor": 10.0, "sun": 10.0, "tum": 10.0}
@@ -249,6 +249,7 @@ def _tokens(model: nn.Module, split: DepthSplit, cfg: DepthConfig, desc: str) ->
     return depth_tokens(extract(model, split.images, pre, spec, cfg.features, desc))
 
 
+@keeps_global_rng
 def _fit_predict(
     train_x: torch.Tensor, train_d: torch.Tensor, test_x: torch.Tensor, out_size: tuple[int, int],
     centers: torch.Tensor, cfg: DepthConfig,

@@ -296,3 +296,17 @@ def global_spec(model: nn.Module) -> FeatureSpec:
     """The tokens the classification protocols share (one cache entry serves k-NN, linear and
     logistic regression): normalised class tokens of the last 4 blocks + mean patch token of the last."""
     return FeatureSpec(layers=min(4, model.n_blocks), norm=True, patch="mean")
+
+
+def keeps_global_rng(fn):
+    """Run ``fn`` on a copy of the global RNG state (CPU and every CUDA device) and restore it afterwards, so
+    an evaluation that seeds its head initialisation (``torch.manual_seed(cfg.seed)``) does not reseed its caller."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return fn(*args, **kwargs)
+
+    return wrapper

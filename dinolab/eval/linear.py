@@ -40,7 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dinolab.eval.data import ClassificationData
-from dinolab.eval.features import FeatureConfig, classification_preprocess, extract, global_spec
+from dinolab.eval.features import FeatureConfig, classification_preprocess, extract, global_spec, keeps_global_rng
 from dinolab.eval.metrics import confusion_matrix, topk_accuracy
 
 OFFICIAL_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
@@ -168,6 +168,7 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+@keeps_global_rng
 def probe_from_features(
     train: dict[str, torch.Tensor],
     val: dict[str, torch.Tensor],

@@ -113,13 +113,32 @@ def save_figures(stem: Path, artifacts: dict) -> list[Path]:
     return paths
 
 
-def _pyplot():
-    import matplotlib
+class _Figures:
+    """The three pyplot calls this module makes, on plain ``Figure`` objects with the Agg canvas: no global
+    backend switch (``matplotlib.use``), no figure registry, safe in a notebook or a server thread."""
 
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
+    @staticmethod
+    def subplots(nrows: int = 1, ncols: int = 1, figsize=None, squeeze: bool = True):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-    return plt
+        fig = Figure(figsize=figsize)
+        FigureCanvasAgg(fig)
+        return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+
+    @staticmethod
+    def close(fig) -> None:  # nothing registered: the figure goes with its last reference
+        pass
+
+    @staticmethod
+    def get_cmap(name: str):
+        from matplotlib import colormaps
+
+        return colormaps[name]
+
+
+def _pyplot() -> type[_Figures]:
+    return _Figures
 
 
 def _close(fig) -> None:

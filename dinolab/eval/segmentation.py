@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dinolab.eval.data import SegmentationData, SegmentationSplit
-from dinolab.eval.features import FeatureConfig, FeatureSpec, Preprocess, dense_preprocess, extract
+from dinolab.eval.features import FeatureConfig, FeatureSpec, Preprocess, dense_preprocess, extract, keeps_global_rng
 from dinolab.eval.metrics import confusion_matrix, segmentation_scores
 
 
@@ -152,6 +152,7 @@ def evaluate_split(
     return cm, preds
 
 
+@keeps_global_rng
 def run(
     model: nn.Module, data: SegmentationData, cfg: SegmentationConfig = SegmentationConfig(),
     artifacts: dict | None = None,

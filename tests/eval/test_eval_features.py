@@ -91,3 +91,23 @@ def test_preprocess_shapes_and_seeded_augmentation():
     assert not torch.equal(aug(image, 5), aug(image, 6))
     flipped = Preprocess((30, 40), hflip=True)(image)
     assert torch.equal(flipped, Preprocess((30, 40))(image).flip(-1))
+
+
+def test_protocols_that_seed_their_heads_leave_the_callers_rng_alone():
+    import torch
+
+    from dinolab.eval import depth, linear, segmentation
+    from dinolab.eval.features import keeps_global_rng
+
+    @keeps_global_rng
+    def seeds_and_draws():
+        torch.manual_seed(0)
+        return torch.rand(3)
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = seeds_and_draws()
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is where it was
+    assert torch.equal(first, seeds_and_draws())  # and the seeded draws are still reproducible
+    for fn in (linear.probe_from_features, segmentation.run, depth._fit_predict):  # every protocol that seeds
+        assert getattr(fn, "__wrapped__", None) is not None, fn.__name__
