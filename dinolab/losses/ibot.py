@@ -14,9 +14,10 @@ from dinolab.losses.soft_ce import soft_cross_entropy
 def ibot_loss(
     student_patch_logits: torch.Tensor,
     teacher_patch_probs: torch.Tensor,
-    weights: torch.Tensor,
-    n_images: int,
+    weights: torch.Tensor | None = None,
+    n_images: int | None = None,
     *,
+    masks: torch.Tensor | None = None,
     student_temp: float = 0.1,
 ) -> torch.Tensor:
     """Weighted cross-entropy over the masked patch tokens, as dinov2 ``forward_masked``.
@@ -34,8 +35,12 @@ def ibot_loss(
     Args:
         student_patch_logits: [M, K] student head outputs of the masked tokens (student input masked).
         teacher_patch_probs: [M, K] teacher targets for the same tokens (teacher input unmasked).
-        weights: [M] per-token weight, ``masks_weight`` from ``dinolab.data.collate.collate_crops``.
-        n_images: number of global-crop images in the batch (``2B``, masked or not).
+        weights: [M] per-token weight, ``masks_weight`` from ``dinolab.data.collate.collate_crops``; None: computed
+            from ``masks`` as the official ``forward_masked`` does when it gets no ``masks_weight``
+            (``1 / masked tokens of the token's image``, ``clamp(min=1)``).
+        n_images: number of global-crop images in the batch (``2B``, masked or not); None: ``masks.shape[0]``.
+        masks: [n_images, N] bool, the masks the ``M`` tokens were gathered by (row-major order); needed only
+            when ``weights`` or ``n_images`` is None.
         student_temp: student softmax temperature (official 0.1).
 
     Returns:
@@ -46,6 +51,13 @@ def ibot_loss(
             f"ibot_loss expects student and teacher [M,K] of equal shape, got "
             f"{tuple(student_patch_logits.shape)} and {tuple(teacher_patch_probs.shape)}"
         )
+    if weights is None or n_images is None:
+        if masks is None:
+            raise ValueError("ibot_loss: give weights and n_images, or the masks to compute them from")
+        if weights is None:
+            per_image = 1.0 / masks.sum(-1).clamp(min=1.0)  # [n_images]
+            weights = per_image.unsqueeze(-1).expand_as(masks)[masks]  # [M], as official forward_masked
+        n_images = masks.shape[0] if n_images is None else n_images
     if weights.shape != student_patch_logits.shape[:1]:
         raise ValueError(f"ibot_loss: weights {tuple(weights.shape)} must be [M={student_patch_logits.shape[0]}]")
     if int(n_images) <= 0:

@@ -123,7 +123,8 @@ def scale_lr(base_lr: float, global_batch: int) -> float:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Every schedule of a run; defaults are the paper's ViT-L/g recipe, lengths in iterations.
+    """Every schedule of a run, lengths in iterations. No defaults here: the values come from the run's config
+    (:func:`dinolab.train.loop.schedule_config`), whose defaults live in :mod:`dinolab.configs.schema` alone.
 
     Official lengths are in 1,250-iteration pseudo-epochs: total 625,000, warmup 100,000, teacher
     temperature warmup 37,500, last layer frozen 1,250.
@@ -132,15 +133,15 @@ class ScheduleConfig:
     total_iters: int
     warmup_iters: int
     base_lr: float
-    min_lr: float = 1e-6
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.2
-    momentum_teacher: float = 0.994
-    final_momentum_teacher: float = 1.0
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.07
-    warmup_teacher_temp_iters: int = 0
-    freeze_last_layer_iters: int = 0
+    min_lr: float
+    weight_decay: float
+    weight_decay_end: float
+    momentum_teacher: float
+    final_momentum_teacher: float
+    warmup_teacher_temp: float
+    teacher_temp: float
+    warmup_teacher_temp_iters: int
+    freeze_last_layer_iters: int
 
     def __post_init__(self) -> None:
         _check_lengths(self.total_iters, warmup_iters=self.warmup_iters)

@@ -54,3 +54,21 @@ def test_rejects_mismatched_inputs():
         ibot_loss(torch.zeros(3, 5), torch.zeros(3, 4), torch.zeros(3), n_images=2)
     with pytest.raises(ValueError, match="n_images"):
         ibot_loss(torch.zeros(3, 5), torch.zeros(3, 5), torch.zeros(3), n_images=0)
+
+
+def test_weights_from_the_masks_as_official_forward_masked():
+    import torch
+
+    from dinolab.losses import ibot_loss
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(4, 6, dtype=torch.bool)
+    masks[0, [0, 2, 5]] = True  # 3 masked tokens: weight 1/3 each
+    masks[2, [1]] = True  # 1 masked token: weight 1
+    M, K = int(masks.sum()), 8
+    s, t = torch.randn(M, K, generator=g), torch.softmax(torch.randn(M, K, generator=g), -1)
+    by_hand = torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0])
+    expected = ibot_loss(s, t, by_hand, 4)
+    torch.testing.assert_close(ibot_loss(s, t, masks=masks), expected)
+    ce = -(t * torch.log_softmax(s / 0.1, -1)).sum(-1)
+    torch.testing.assert_close(expected, (ce * by_hand).sum() / 4)

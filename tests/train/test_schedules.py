@@ -88,7 +88,9 @@ def test_scale_lr_square_root_rule():
 
 def test_schedule_values_bundle():
     cfg = ScheduleConfig(
-        total_iters=100, warmup_iters=10, base_lr=1e-3, warmup_teacher_temp_iters=31, freeze_last_layer_iters=5
+        total_iters=100, warmup_iters=10, base_lr=1e-3, min_lr=1e-6, weight_decay=0.04, weight_decay_end=0.2,
+        momentum_teacher=0.994, final_momentum_teacher=1.0, warmup_teacher_temp=0.04, teacher_temp=0.07,
+        warmup_teacher_temp_iters=31, freeze_last_layer_iters=5,
     )
     at_50 = schedule_values(cfg, 50)
     assert at_50.lr == lr_at(50, base_lr=1e-3, min_lr=1e-6, total_iters=100, warmup_iters=10)
@@ -111,5 +113,8 @@ def test_invalid_inputs_are_rejected():
     with pytest.raises(ValueError, match="global_batch"):
         scale_lr(1e-3, 0)
     with pytest.raises(ValueError, match="exceeds total_iters"):
-        ScheduleConfig(total_iters=10, warmup_iters=20, base_lr=1e-3)
+        ScheduleConfig(total_iters=10, warmup_iters=20, base_lr=1e-3, min_lr=0.0, weight_decay=0.04,
+                       weight_decay_end=0.4, momentum_teacher=0.992, final_momentum_teacher=1.0,
+                       warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_iters=0,
+                       freeze_last_layer_iters=0)
     assert lr_at(np.int64(3), **kw) == lr_at(3, **kw)  # numpy integers are iterations too
