@@ -46,12 +46,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-PARTS = ("gemm", "extraction", "train_step", "fsdp", "resume", "convergence")
+PARTS = ("gemm", "varlen", "extraction", "train_step", "fsdp", "resume", "convergence")
 # run order: the short correctness parts before the long measurements, so a budget overrun (or the shell's
 # `timeout 540`) cuts extraction rows, not the FSDP/resume/convergence verdicts
-ORDER = ("gemm", "fsdp", "resume", "convergence", "train_step", "extraction")
+ORDER = ("gemm", "varlen", "fsdp", "resume", "convergence", "train_step", "extraction")
 # seconds per part on the GPU (the whole run ~8 minutes); smoke runs get a few seconds each
-BUDGET = {"gemm": 20, "extraction": 170, "train_step": 170, "fsdp": 30, "resume": 40, "convergence": 70}
+BUDGET = {"gemm": 20, "varlen": 15, "extraction": 170, "train_step": 170, "fsdp": 30, "resume": 40, "convergence": 70}
 TOTAL_BUDGET = 480  # new rows start only before this; the shell allows 540
 
 # train-step variants: overrides of bench/train_step.EFFICIENT (packed, efficient drop path, bf16, eager),
@@ -193,6 +193,43 @@ class Check:
         flops = 2 * n**3 * reps / best
         self.bf16_peak = flops
         return {"n": n, "reps": reps, "bf16_gflops": round(flops / 1e9, 1)}
+
+    # ------------------------------------------------------------ varlen attention equality
+    def varlen(self, deadline: float) -> dict:
+        """The packed crops' one-call attention (``train.varlen_attention``: torch's FlashAttention varlen kernel
+        on CUDA, the nested-jagged SDPA elsewhere) against per-group attention: values and input gradients, and
+        the time of each (ViT-S/14 widths: 2x8 global crops of 257 tokens + 8x8 local crops of 50)."""
+        from dinolab.layers.attention import Attention, _flash_varlen
+
+        dim, heads = (384, 6) if not self.smoke else (32, 2)
+        shapes = [(16, 257), (64, 50)] if not self.smoke else [(2, 17), (4, 5)]
+        torch.manual_seed(0)
+        attn = Attention(dim, heads).to(self.device)
+        x = torch.randn(sum(b * t for b, t in shapes), dim, device=self.device)
+        dtype = torch.bfloat16 if self.cuda else torch.float32
+        results, timings = {}, {}
+        for varlen in (False, True):
+            attn.varlen = varlen
+            xi = x.clone().requires_grad_(True)
+            with torch.autocast(self.device.type, dtype=dtype, enabled=self.cuda):
+                out = attn.forward_packed(xi, shapes)
+            out.float().square().mean().backward()
+            results[varlen] = (out.detach().float(), xi.grad.detach().float())
+            self.sync()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                with torch.autocast(self.device.type, dtype=dtype, enabled=self.cuda):
+                    attn.forward_packed(xi, shapes).float().square().mean().backward()
+            self.sync()
+            timings[varlen] = (time.perf_counter() - t0) / 10
+        kernel = "flash varlen_attn" if (self.cuda and _flash_varlen() is not None) else "nested-jagged SDPA"
+        return {
+            "kernel": kernel, "dtype": str(dtype).removeprefix("torch."),
+            "max_abs_diff_out": float((results[True][0] - results[False][0]).abs().max()),
+            "max_abs_diff_grad": float((results[True][1] - results[False][1]).abs().max()),
+            "per_group_ms": round(1e3 * timings[False], 3), "varlen_ms": round(1e3 * timings[True], 3),
+            "varlen_speedup": round(timings[False] / timings[True], 3),
+        }
 
     # ------------------------------------------------------------ b. extraction
     def extraction(self, deadline: float) -> dict:

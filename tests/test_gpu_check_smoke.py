@@ -36,4 +36,5 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     assert steps["efficient"]["flops_per_step"] > 0 and steps["efficient"]["mfu"] > 0
     assert parts["fsdp"]["data"]["equal"] and parts["fsdp"]["data"]["fsdp_modules"] > 0
     assert parts["resume"]["data"]["equal"]
+    assert parts["varlen"]["data"]["max_abs_diff_out"] < 1e-5 and parts["varlen"]["data"]["max_abs_diff_grad"] < 1e-5
     assert parts["convergence"]["data"]["iterations"] >= 2

@@ -18,6 +18,8 @@ tokens, forward+backward: 86 ms vs 7 ms), so it is off unless asked for (``train
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,7 +90,26 @@ class Attention(nn.Module):
         return self.proj(out)
 
     def _attend_varlen(self, qkv: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
-        """qkv [N, 3D] of every sequence of every group -> attention output [N, D], in one nested-jagged SDPA."""
+        """qkv [N, 3D] of every sequence of every group -> attention output [N, D], in one call: torch's
+        ``varlen_attn`` (FlashAttention's variable-length kernel) on CUDA in bf16/fp16 where torch has it
+        (>= 2.10), else a nested-jagged SDPA."""
+        if qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None:
+            return self._attend_flash_varlen(qkv, shapes)
+        return self._attend_nested(qkv, shapes)
+
+    def _attend_flash_varlen(self, qkv: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
+        """qkv [N, 3D] -> [N, D] through ``torch.nn.attention.varlen.varlen_attn`` (q, k, v as [N, heads, d],
+        sequences delimited by cumulative int32 offsets)."""
+        n_tokens = qkv.shape[0]
+        lengths = torch.tensor([T for B, T in shapes for _ in range(B)], device=qkv.device, dtype=torch.int32)
+        offsets = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))  # [sequences + 1]
+        q, k, v = (x.contiguous() for x in qkv.view(n_tokens, 3, self.num_heads, self.head_dim).unbind(1))
+        longest = max(T for _, T in shapes)
+        out = _flash_varlen()(q, k, v, offsets, offsets, longest, longest, scale=self.scale)
+        return out.reshape(n_tokens, -1)
+
+    def _attend_nested(self, qkv: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
+        """qkv [N, 3D] -> [N, D] in one nested-jagged SDPA (any device and dtype)."""
         n_tokens = qkv.shape[0]
         lengths = torch.tensor([T for B, T in shapes for _ in range(B)], device=qkv.device)
         offsets = F.pad(lengths.cumsum(0), (1, 0))  # [sequences + 1]: where each sequence starts
@@ -109,3 +130,13 @@ class Attention(nn.Module):
         B, T, D = x.shape
         q, k, _ = self._split_heads(self.qkv(x.reshape(B * T, D)), B, T)
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_varlen():
+    """``torch.nn.attention.varlen.varlen_attn`` where this torch has it (>= 2.10), else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
