@@ -20,6 +20,13 @@ of the edges above the threshold (the ratio printed is exact / IVF).
 
     python bench/curate.py --n 1000000          # ~10 minutes on 2 CPU cores
     python bench/curate.py --n 100000           # quick
+
+With ``--ranks 1,2`` it runs the whole pipeline (``run_curation``, every stage distributed) instead, once
+per rank count, each rank a gloo process on CPU as ``torchrun`` would start it, on the same synthetic
+pool (saved as ``.npy``, memory-mapped), and prints wall time, the peak RSS of every rank and the planted
+duplicate recall; ``--json-out F`` writes ``[{"ranks", "peak_rss_mb", "recall", "seconds"}, ...]``:
+
+    python bench/curate.py --ranks 1,2 --rows 200000 --json-out ranks.json
 """
 
 from __future__ import annotations
@@ -138,8 +145,78 @@ class Timer:
         return result
 
 
+def _rank_entry(rank: int, world_size: int, port: int, folder: str, cfg_kwargs: dict) -> None:
+    import json
+    import os
+
+    import torch
+
+    from dinolab.curate.pipeline import CurateConfig, run_curation
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo")
+    cfg = CurateConfig(chunk_rows=cfg_kwargs["chunk"])
+    cfg.index = IndexConfig(kind=cfg_kwargs["index"], nprobe=cfg_kwargs["nprobe"], use_gpu=False)
+    cfg.dedup = DedupConfig(k=cfg_kwargs["k"])
+    cfg.kmeans = KMeansConfig(n_clusters=cfg_kwargs["kmeans_k"], n_iter=cfg_kwargs["kmeans_iter"], use_gpu=False)
+    cfg.retrieve = RetrieveConfig(cluster_below=cfg_kwargs["seed_small"] + 1, per_cluster=1000, cap=200_000)
+    root = Path(folder)
+    run_curation(root / "pool.npy", {"large": root / "large.npy", "small": root / "small.npy"},
+                 root / f"out-{world_size}", cfg, eval_sets={"val": root / "eval.npy"})
+    torch.distributed.destroy_process_group()
+    (root / f"rss-{world_size}-{rank}.json").write_text(json.dumps(peak_rss_gb() * 1024))
+
+
+def bench_ranks(args: argparse.Namespace) -> int:
+    """The whole pipeline on 1, 2, ... gloo ranks: wall time, peak RSS per rank, duplicate recall."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    counts = [int(r) for r in args.ranks.split(",")]
+    rng = np.random.default_rng(2)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="curate-ranks-") as tmp:
+        root = Path(tmp)
+        x, group = synthetic_pool(args.rows, args.dim, args.clusters, args.dup_fraction)
+        np.save(root / "pool.npy", x)
+        np.save(root / "eval.npy", _noisy(rng, x[rng.choice(args.rows, args.eval_size, replace=False)], 0.4))
+        np.save(root / "large.npy", _noisy(rng, x[rng.choice(args.rows, args.seed_large, replace=False)], 0.8))
+        np.save(root / "small.npy", _noisy(rng, x[rng.choice(args.rows, args.seed_small, replace=False)], 0.8))
+        del x
+        cfg_kwargs = {k: getattr(args, k) for k in ("chunk", "index", "nprobe", "k", "kmeans_k", "kmeans_iter",
+                                                     "seed_small")}
+        for world_size in counts:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            t0 = time.perf_counter()
+            mp.start_processes(_rank_entry, args=(world_size, port, tmp, cfg_kwargs), nprocs=world_size,
+                               join=True, start_method="spawn")
+            seconds = time.perf_counter() - t0
+            with np.load(root / f"out-{world_size}" / "dedup" / "components.npz") as data:
+                recall = duplicate_recall(data["labels"], group)["pair_recall"]
+            rss = [json.loads((root / f"rss-{world_size}-{r}.json").read_text()) for r in range(world_size)]
+            curated = (root / f"out-{world_size}" / "curated.jsonl").read_bytes()
+            results.append({"ranks": world_size, "peak_rss_mb": [round(m, 1) for m in rss], "recall": recall,
+                            "seconds": round(seconds, 1), "curated_sha": __import__("hashlib").sha1(curated).hexdigest()[:12]})
+    print(f"\npool {args.rows:,} x {args.dim}, index {args.index}, chunk {args.chunk}, k-means {args.kmeans_k}")
+    print(f"{'ranks':>5} {'seconds':>8} {'peak RSS per rank (MB)':>28} {'pair recall':>12} {'curated.jsonl':>14}")
+    for r in results:
+        rss = ", ".join(f"{m:.0f}" for m in r["peak_rss_mb"])
+        print(f"{r['ranks']:>5} {r['seconds']:>8.1f} {rss:>28} {r['recall']:>12.4f} {r['curated_sha']:>14}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results if len(results) > 1 else results[0], indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", default=None, help="e.g. '1,2': the whole pipeline on that many gloo ranks")
+    p.add_argument("--rows", type=int, default=None, help="pool size for --ranks (default --n)")
+    p.add_argument("--json-out", default=None, help="with --ranks: write the figures as JSON")
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--clusters", type=int, default=2000, help="true clusters of the synthetic pool")
@@ -156,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exact-queries", type=int, default=2_000)
     p.add_argument("--chunk", type=int, default=65536)
     args = p.parse_args(argv)
+    if args.ranks:
+        args.rows = args.rows or args.n
+        return bench_ranks(args)
 
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; N={args.n:,} D={args.dim}")
     timer = Timer()

@@ -1,10 +1,12 @@
 """Spherical k-means of the pool with Faiss, trained on a sample and assigned chunk by chunk.
 
 DINOv2 App. A.4 clusters the deduplicated pool into 100k clusters for cluster-based retrieval.
-Faiss trains on at most ``max_points_per_centroid x k`` vectors (a random sample of the rows,
-gathered in one streaming pass); every row is then assigned to its most similar centroid, one
-chunk per resumable shard. Memory: the training sample, the ``k x D`` centroids, one chunk, and
-the per-row results (12 bytes x N).
+The pool k-means (:func:`pool_kmeans`) trains on at most ``max_points_per_centroid x k`` rows (a random
+sample), each rank holding the sample rows of its own chunks, with centroid sums and counts
+all-reduced per iteration (:func:`sharded_kmeans`); every row is then assigned to its most similar
+centroid, one chunk per resumable shard, each rank its own chunks. Memory per rank: its part of the
+sample, the ``k x D`` centroids and integer sums, one chunk; on rank 0 the per-row results
+(12 bytes x N) for retrieval. :func:`spherical_kmeans` (Faiss, one process) serves hierarchical k-means.
 
 Stage folder: ``centroids.npy`` [K, D] and one shard per chunk with ``rows``, ``cluster``, ``sim``.
 """
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from dinolab.curate import collective
+from dinolab.curate.collective import fixed_point
 from dinolab.curate.index import gpu_available
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import EmbeddingStore, l2_normalize
@@ -136,31 +140,87 @@ def assign_chunk(store: EmbeddingStore, index: int, rows: np.ndarray, centroids:
     return {"rows": chunk_rows, "cluster": cluster, "sim": np.asarray(sim, dtype=np.float32)}
 
 
-def pool_kmeans(store: EmbeddingStore, rows: np.ndarray, cfg: KMeansConfig, stage: Stage) -> ClusterAssignment:
-    """Cluster ``rows`` of the pool (resumable: centroids once, then one shard per chunk).
+def _sample_by_chunk(store: EmbeddingStore, sample: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(positions in ``sample``, embeddings) of the sample rows in each of this rank's chunks."""
+    parts = []
+    for chunk in collective.my_chunks(store.num_chunks()):
+        start, emb = store.chunk(chunk)
+        lo, hi = np.searchsorted(sample, [start, start + len(emb)])
+        if hi > lo:
+            parts.append((np.arange(lo, hi), emb[sample[lo:hi] - start]))
+    return parts
+
+
+def sharded_kmeans(store: EmbeddingStore, rows: np.ndarray, cfg: KMeansConfig) -> np.ndarray:
+    """Spherical k-means of a sample of ``rows``, each rank holding the sample rows of its own chunks.
+
+    Lloyd iterations as in facebookresearch/ssl-data-curation: each rank assigns its sample rows to the
+    nearest centroid chunk by chunk, centroid sums and counts are all-reduced, and the new centroid is
+    the normalised sum (a cluster left empty keeps its centroid). The sums are exact integer sums
+    (:func:`~dinolab.curate.collective.fixed_point`), and every assignment is computed on the same
+    chunk of rows whatever the number of ranks, so the centroids are byte-identical for any W.
+    Initialisation: ``k`` sample rows drawn with ``cfg.seed``.
+
+    Returns:
+        centroids [k, D] float32, unit norm (on every rank).
+    """
+    k = cfg.resolved_k(len(rows))
+    sample = sample_rows(rows, k * cfg.max_points_per_centroid, cfg.seed)
+    parts = _sample_by_chunk(store, sample)
+    init = np.sort(np.random.default_rng(cfg.seed).choice(len(sample), size=k, replace=False))
+    centroids = np.zeros((k, store.dim), np.int64)
+    for positions, emb in parts:
+        hit = np.isin(init, positions)
+        centroids[hit] = fixed_point(emb[init[hit] - positions[0]])
+    centroids = l2_normalize(collective.all_reduce_sum(centroids).astype(np.float64) / collective.FIXED_POINT)
+    for _ in range(cfg.n_iter):
+        sums = np.zeros((k, store.dim), np.int64)
+        counts = np.zeros(k, np.int64)
+        for _, emb in parts:
+            cluster, _ = assign(centroids, emb)
+            np.add.at(sums, cluster, fixed_point(emb))
+            counts += np.bincount(cluster, minlength=k)
+        sums, counts = collective.all_reduce_sum(sums), collective.all_reduce_sum(counts)
+        filled = counts > 0
+        centroids[filled] = l2_normalize(sums[filled].astype(np.float64) / collective.FIXED_POINT)
+    return centroids
+
+
+def pool_kmeans(store: EmbeddingStore, rows: np.ndarray, cfg: KMeansConfig, stage: Stage) -> ClusterAssignment | None:
+    """Cluster ``rows`` of the pool (resumable; collective under torchrun).
+
+    Centroids once (:func:`sharded_kmeans`, saved by rank 0 as ``centroids.npy``), then one assignment
+    shard per chunk, each rank its own chunks.
 
     Args:
         store: the pool.
-        rows: sorted pool rows to cluster (e.g. kept after deduplication).
+        rows: sorted pool rows to cluster (e.g. kept after deduplication); the same on every rank.
         cfg: k-means settings.
         stage: the cluster stage.
+
+    Returns:
+        The assignment on rank 0 (:func:`load_assignment`); ``None`` on other ranks.
     """
     rows = np.asarray(rows, dtype=np.int64)
     centroids_file = stage.path("centroids.npy")
     num_shards = store.num_chunks()
-    if not stage.done:
-        stage.open()
-        if not centroids_file.exists():
-            k = cfg.resolved_k(len(rows))
-            train = store.gather(sample_rows(rows, k * cfg.max_points_per_centroid, cfg.seed))
-            centroids = spherical_kmeans(train, k, cfg.n_iter, cfg.seed, None, cfg.use_gpu, cfg.max_points_per_centroid)
-            with atomic_path(centroids_file) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, centroids)
+    rank, world_size = collective.dist_env()
+    if not collective.open_stage(stage):
+        if not collective.broadcast(centroids_file.exists()):
+            centroids = sharded_kmeans(store, rows, cfg)
+            if rank == 0:
+                with atomic_path(centroids_file) as tmp:
+                    with open(tmp, "wb") as f:
+                        np.save(f, centroids)
+            collective.barrier()
         centroids = np.load(centroids_file)
-        stage.run_shards(num_shards, lambda i: assign_chunk(store, i, rows, centroids), desc="k-means assign")
-        stage.finish({"n_clusters": int(len(centroids)), "num_rows": int(len(rows))}, num_shards)
-    return load_assignment(stage, num_shards)
+        stage.run_shards(num_shards, lambda i: assign_chunk(store, i, rows, centroids), desc="k-means assign",
+                         rank=rank, world_size=world_size)
+        collective.barrier()
+        if rank == 0:
+            stage.finish({"n_clusters": int(len(centroids)), "num_rows": int(len(rows))}, num_shards)
+        collective.barrier()
+    return load_assignment(stage, num_shards) if rank == 0 else None
 
 
 def load_assignment(stage: Stage, num_shards: int) -> ClusterAssignment:

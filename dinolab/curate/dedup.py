@@ -7,9 +7,10 @@ row (deterministic, whatever the order in which Faiss returns neighbours).
 Relative deduplication: every pool image is compared with the images of the evaluation sets; a
 pool image more similar than 0.45 to any of them condemns its whole self-dedup component.
 
-Both run as resumable stages over the pool's chunks (one shard of edges / hits per chunk). Memory:
-the Faiss index of the pool (see :mod:`dinolab.curate.index`), one chunk of queries with their
-``[chunk, k]`` neighbours, and per-row arrays (8 bytes x N for the union-find).
+Both run as resumable stages over the pool's chunks (one shard of edges / hits per chunk); under
+``torchrun`` each rank computes its own chunks (``rank, rank + W, ...``). Memory per rank: its shard
+of the Faiss index (:mod:`dinolab.curate.sharded`), one chunk of queries with their ``[chunk, k]``
+neighbours; on rank 0 also per-row arrays (8 bytes x N for the union-find, the relative-dedup merge).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Callable
 
 import numpy as np
 
-from dinolab.curate.index import IndexConfig, PoolIndex, build_index, index_array
+from dinolab.curate import collective
+from dinolab.curate.index import IndexConfig, PoolIndex, index_array
+from dinolab.curate.sharded import ShardedIndex
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import EmbeddingStore
 from dinolab.curate.union_find import UnionFind
@@ -46,7 +49,7 @@ def knn_edges(index: PoolIndex, first_row: int, queries: np.ndarray, k: int, thr
     """Duplicate edges of one chunk of pool rows.
 
     Args:
-        index: index over the pool.
+        index: index over the pool (a :class:`PoolIndex` or, collectively, a :class:`ShardedIndex`).
         first_row: pool row of ``queries[0]``.
         queries: [n, D] unit embeddings of rows ``first_row .. first_row + n - 1``.
         k: neighbours per row (the row itself is searched for too and dropped).
@@ -57,11 +60,18 @@ def knn_edges(index: PoolIndex, first_row: int, queries: np.ndarray, k: int, thr
         ``src [E]``, ``dst [E]`` int64 rows and ``sim [E]`` float32 of the kept edges.
     """
     sims, nbrs = index.search(queries, k + 1)
-    src = (first_row + np.arange(len(queries), dtype=np.int64))[:, None]
+    return edges_from_neighbours(first_row, sims, nbrs, k, threshold)
+
+
+def edges_from_neighbours(
+    first_row: int, sims: np.ndarray, nbrs: np.ndarray, k: int, threshold: float
+) -> dict[str, np.ndarray]:
+    """:func:`knn_edges` from the ``[n, k + 1]`` neighbours of rows ``first_row ..``."""
+    src = (first_row + np.arange(len(sims), dtype=np.int64))[:, None]
     other = (nbrs != src) & (nbrs >= 0)
     # An exact copy can be returned before the row itself, so "self" is found by id, not by rank.
     masked = np.where(other, sims, -np.inf)
-    nn_sim = masked.max(axis=1) if k > 0 else np.full(len(queries), -np.inf, np.float32)
+    nn_sim = masked.max(axis=1) if k > 0 else np.full(len(sims), -np.inf, np.float32)
     edge = other & (sims > threshold)
     src_full = np.broadcast_to(src, nbrs.shape)
     return {
@@ -77,47 +87,58 @@ def self_dedup(
     cfg: DedupConfig,
     stage: Stage,
     index_cfg: IndexConfig | None = None,
-    make_index: Callable[[], PoolIndex] | None = None,
-) -> np.ndarray:
-    """Connected components of the duplicate graph of the pool (resumable).
+    make_index: Callable[[], PoolIndex | ShardedIndex] | None = None,
+) -> np.ndarray | None:
+    """Connected components of the duplicate graph of the pool (resumable; collective under torchrun).
 
-    The index over the whole pool comes from ``make_index`` (default: :func:`build_index` with
-    ``index_cfg``) and is built only if some shard is left to compute.
-
-    Writes one shard of edges per chunk, then ``components.npz`` (``labels [N]``: lowest row of each
-    row's component).
+    Every rank queries its own chunks (``rank, rank + W, ...``) against the whole pool: by default a
+    :class:`ShardedIndex` (each rank indexes its chunks, a search asks every rank), built only if some
+    shard is left to compute; ``make_index`` replaces it (e.g. one :class:`PoolIndex` in one process).
+    Each rank writes one shard of edges per chunk; rank 0 then reads every edge shard into a union-find
+    and writes ``components.npz`` (``labels [N]``: lowest row of each row's component), so the
+    components do not depend on the number of ranks.
 
     Returns:
-        labels [N] int64; row i is kept by self-dedup iff ``labels[i] == i``.
+        labels [N] int64 on rank 0 (row i is kept iff ``labels[i] == i``); ``None`` on other ranks.
     """
     components = stage.path("components.npz")
-    if not stage.done:
-        stage.open()
+    rank = collective.dist_env()[0]
+    if not collective.open_stage(stage):
         num_shards = store.num_chunks()
-        built: list[PoolIndex] = []
+        built: list[PoolIndex | ShardedIndex] = []
 
-        def compute(i: int) -> dict[str, np.ndarray]:
-            if not built:
-                built.append(make_index() if make_index else build_index(store, index_cfg or IndexConfig()))
-            first_row, emb = store.chunk(i)
+        def compute(i: int | None) -> dict[str, np.ndarray]:
+            if not built:  # every rank gets here in the first round: building is collective
+                built.append(make_index() if make_index else ShardedIndex(store, index_cfg or IndexConfig()))
+            first_row, emb = store.chunk(i) if i is not None else (0, np.zeros((0, store.dim), np.float32))
             return knn_edges(built[0], first_row, emb, cfg.k, cfg.threshold)
 
-        stage.run_shards(num_shards, compute, desc="dedup k-NN graph")
-        labels, num_edges = components_from_shards(stage, num_shards, store.num_rows)
-        atomic_save_npz(components, labels=labels)
-        sizes = np.bincount(labels, minlength=store.num_rows)
-        stage.finish(
-            {
-                "num_rows": store.num_rows,
-                "num_kept": int((labels == np.arange(store.num_rows)).sum()),
-                "num_duplicate_components": int((sizes > 1).sum()),
-                "num_edges": num_edges,
-                "components": components.name,
-            },
-            num_shards,
-        )
+        collective.run_lockstep(stage, num_shards, compute)
+        built.clear()
+        collective.barrier()
+        if rank == 0:
+            _finish_self_dedup(stage, num_shards, store.num_rows, components)
+        collective.barrier()
+    if rank != 0:
+        return None
     with np.load(components, allow_pickle=False) as data:
         return data["labels"]
+
+
+def _finish_self_dedup(stage: Stage, num_shards: int, num_rows: int, components) -> None:
+    labels, num_edges = components_from_shards(stage, num_shards, num_rows)
+    atomic_save_npz(components, labels=labels)
+    sizes = np.bincount(labels, minlength=num_rows)
+    stage.finish(
+        {
+            "num_rows": num_rows,
+            "num_kept": int((labels == np.arange(num_rows)).sum()),
+            "num_duplicate_components": int((sizes > 1).sum()),
+            "num_edges": num_edges,
+            "components": components.name,
+        },
+        num_shards,
+    )
 
 
 def components_from_shards(stage: Stage, num_shards: int, num_rows: int) -> tuple[np.ndarray, int]:
@@ -156,26 +177,28 @@ def eval_hits(index: PoolIndex, queries: np.ndarray) -> np.ndarray:
 def relative_dedup(
     store: EmbeddingStore,
     eval_embeddings: np.ndarray,
-    labels: np.ndarray,
+    labels: np.ndarray | None,
     cfg: DedupConfig,
     stage: Stage,
 ) -> np.ndarray:
-    """Rows kept after self- and relative deduplication (resumable).
+    """Rows kept after self- and relative deduplication (resumable; each rank its own chunks).
 
     Args:
         store: the pool.
-        eval_embeddings: [M, D] unit embeddings of all evaluation images (held in memory; exact index).
-        labels: [N] component labels from :func:`self_dedup`.
+        eval_embeddings: [M, D] unit embeddings of all evaluation images (held in memory on every rank;
+            exact index).
+        labels: [N] component labels from :func:`self_dedup` (used on rank 0 only; ``None`` elsewhere).
         cfg: thresholds.
-        stage: stage writing one shard of nearest-evaluation similarities per chunk, then ``keep.npz``.
+        stage: stage writing one shard of nearest-evaluation similarities per chunk, then (rank 0)
+            ``keep.npz``.
 
     Returns:
-        Sorted pool rows [K] int64: component representatives whose component has no image above
-        ``cfg.relative_threshold`` to any evaluation image.
+        Sorted pool rows [K] int64 (on every rank): component representatives whose component has no
+        image above ``cfg.relative_threshold`` to any evaluation image.
     """
     keep_file = stage.path("keep.npz")
-    if not stage.done:
-        stage.open()
+    rank, world_size = collective.dist_env()
+    if not collective.open_stage(stage):
         num_shards = store.num_chunks()
         index = index_array(eval_embeddings, IndexConfig(kind="flat")) if len(eval_embeddings) else None
 
@@ -185,19 +208,22 @@ def relative_dedup(
                 return {"eval_sim": np.full(len(emb), -np.inf, np.float32)}
             return {"eval_sim": eval_hits(index, emb)}
 
-        stage.run_shards(num_shards, compute, desc="relative dedup")
-        eval_sim = np.concatenate([stage.load_shard(i)["eval_sim"] for i in range(num_shards)])
-        keep, dropped_components = drop_components(labels, eval_sim > cfg.relative_threshold)
-        atomic_save_npz(keep_file, rows=keep)
-        stage.finish(
-            {
-                "num_flagged_images": int((eval_sim > cfg.relative_threshold).sum()),
-                "num_dropped_components": int(len(dropped_components)),
-                "num_kept": int(len(keep)),
-                "keep": keep_file.name,
-            },
-            num_shards,
-        )
+        stage.run_shards(num_shards, compute, desc="relative dedup", rank=rank, world_size=world_size)
+        collective.barrier()
+        if rank == 0:
+            eval_sim = np.concatenate([stage.load_shard(i)["eval_sim"] for i in range(num_shards)])
+            keep, dropped_components = drop_components(labels, eval_sim > cfg.relative_threshold)
+            atomic_save_npz(keep_file, rows=keep)
+            stage.finish(
+                {
+                    "num_flagged_images": int((eval_sim > cfg.relative_threshold).sum()),
+                    "num_dropped_components": int(len(dropped_components)),
+                    "num_kept": int(len(keep)),
+                    "keep": keep_file.name,
+                },
+                num_shards,
+            )
+        collective.barrier()
     with np.load(keep_file, allow_pickle=False) as data:
         return data["rows"]
 

@@ -14,9 +14,14 @@ Output folder (every stage resumable, see :mod:`dinolab.curate.stages`)::
     <out>/curated.jsonl               # the union: {"path", "row", "seed_set", "method", "similarity"}
     <out>/report/                     # report.json, nn_similarity.png, duplicates.png, clusters.png
 
-Under torchrun every rank embeds its stride of shards; rank 0 then runs the remaining stages.
-Memory is bounded by the shard / chunk size except for the Faiss indexes (see
-:mod:`dinolab.curate.index`) and per-row integer arrays (a few bytes x N).
+Under torchrun every stage runs on every rank, each on its own stride of shards / chunks
+(``rank, rank + W, ...``): embedding, the k-NN graph (a pool index sharded by rank,
+:mod:`dinolab.curate.sharded`), relative dedup, k-means (sums all-reduced per iteration) and the
+retrieval searches; rank 0 alone merges (union-find over the edge shards, keep list, retrieval caps),
+writes manifests, ``curated.jsonl`` and the report, while the others wait at barriers. Outputs do not
+depend on the number of ranks. Hierarchical sampling still runs on rank 0 alone.
+Memory per rank is bounded by the shard / chunk size and its shard of the Faiss index; rank 0 also
+holds per-row integer arrays (a few bytes x N) for the merges, and every rank the kept-row list.
 """
 
 from __future__ import annotations
@@ -41,9 +46,11 @@ from dinolab.curate.dedup import (
 from dinolab.curate.guard import outcome_problem
 from dinolab.curate.embed import EmbedConfig, dist_env, embed_images
 from dinolab.curate.hierarchical import HierarchicalConfig, run_hierarchical
-from dinolab.curate.index import IndexConfig, PoolIndex, build_index
+from dinolab.curate import collective
+from dinolab.curate.index import IndexConfig
+from dinolab.curate.sharded import ShardedIndex
 from dinolab.curate.report import ReportConfig, write_report
-from dinolab.curate.retrieve import RetrieveConfig, make_records, retrieve_for_seed_set, union_records, write_jsonl
+from dinolab.curate.retrieve import RetrieveConfig, make_records, retrieve_sharded, union_records, write_jsonl
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import EmbeddingStore, ShardedEmbeddings, is_precomputed, load_precomputed
 from dinolab.data.images import path_bytes, resolve_image_source
@@ -88,6 +95,9 @@ class CurateConfig:
     strict: bool = False
 
 
+# Seed of the random backbone used when no weights are given (identical on every rank).
+RANDOM_INIT_SEED = 0
+
 # Settings that change speed, not results: left out of stage hashes so a run can resume elsewhere.
 HARDWARE_FIELDS = ("use_gpu", "search_batch", "num_workers", "device", "batch_size")
 
@@ -125,9 +135,14 @@ class _Sources:
     def _build_model(self) -> torch.nn.Module:
         from dinolab.models import build_backbone
 
-        if self.cfg.weights is None:
-            log.warning("embedding with a randomly initialised %s: pass --weights for real curation", self.cfg.arch)
-        return build_backbone(self.cfg.arch, weights=self.cfg.weights)
+        if self.cfg.weights is not None:
+            return build_backbone(self.cfg.arch, weights=self.cfg.weights)
+        log.warning("no --weights: curating with a randomly initialised %s is only a test of the pipeline, "
+                    "its embeddings are not meaningful", self.cfg.arch)
+        # The same seed on every rank (and in one process): all ranks embed with the same random model.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return build_backbone(self.cfg.arch, weights=None)
 
     def embed(self, name: str, source: str | Path) -> tuple[Path | None, dict[str, Any]]:
         """Embed an image source on this rank (no-op for embeddings files) -> (folder, hash key)."""
@@ -159,28 +174,23 @@ class _Sources:
 
 
 class _PoolIndexes:
-    """Builds the pool index for dedup, then reuses its training (IVF cells) for retrieval."""
+    """Builds the sharded pool index for dedup, then reuses its training (IVF cells) for retrieval."""
 
     def __init__(self, store: EmbeddingStore, cfg: IndexConfig) -> None:
         self.store, self.cfg = store, cfg
         self.trained = None
-        self._full: PoolIndex | None = None
 
-    def full(self) -> PoolIndex:
-        if self._full is None:
-            self._full = build_index(self.store, self.cfg)
-            self.trained = self._full.trained
-        return self._full
+    def full(self) -> ShardedIndex:
+        index = ShardedIndex(self.store, self.cfg)
+        self.trained = index.trained
+        return index
 
-    def release_full(self) -> None:
-        self._full = None  # frees the vectors; the trained empty copy stays
-
-    def over(self, rows: np.ndarray) -> PoolIndex:
+    def over(self, rows: np.ndarray) -> ShardedIndex:
         # The kept rows are a subset of the pool, so the pool's IVF cells suit them; reuse them
         # unless "auto" picks another kind for the smaller count.
         same_kind = self.cfg.resolved_kind(len(rows)) == self.cfg.resolved_kind(self.store.num_rows)
         trained = self.trained if same_kind else None
-        return build_index(self.store, self.cfg, rows=rows, trained=trained)
+        return ShardedIndex(self.store, self.cfg, rows=rows, trained=trained)
 
 
 def _barrier() -> None:
@@ -227,10 +237,11 @@ def run_curation(
     seed_folders = {n: sources.embed(f"seeds-{n}", p) for n, p in seeds.items()}
     eval_folders = {n: sources.embed(f"eval-{n}", p) for n, p in eval_sets.items()}
     _barrier()
-    if sources.rank != 0:
-        return {}
-    sources.finish_all()
-    atomic_write_json(out / "config.json", asdict(cfg))
+    rank = sources.rank
+    if rank == 0:
+        sources.finish_all()
+        atomic_write_json(out / "config.json", asdict(cfg))
+    _barrier()
 
     store = sources.open(pool, pool_folder)
     seed_stores = {n: sources.open(seeds[n], f) for n, (f, _) in seed_folders.items()}
@@ -243,11 +254,10 @@ def run_curation(
     }, cfg.on_change)
     indexes = _PoolIndexes(store, cfg.index)
     labels = self_dedup(store, cfg.dedup, dedup_stage, cfg.index, indexes.full)
-    indexes.release_full()
     counts["self_dedup"] = dedup_stage.outputs
-    _guard(counts, cfg, outcome_problem("self-dedup", "dedup.threshold", store.num_rows,
-                                        dedup_stage.outputs["num_kept"], nearest_neighbour_similarities(dedup_stage),
-                                        cfg.dedup.threshold))
+    _guard(counts, cfg, lambda: outcome_problem(
+        "self-dedup", "dedup.threshold", store.num_rows, dedup_stage.outputs["num_kept"],
+        nearest_neighbour_similarities(dedup_stage), cfg.dedup.threshold))
 
     eval_emb = np.concatenate([s.gather(np.arange(s.num_rows)) for s in eval_stores.values()]) if eval_stores \
         else np.zeros((0, store.dim), np.float32)
@@ -258,9 +268,9 @@ def run_curation(
     keep = relative_dedup(store, eval_emb, labels, cfg.dedup, relative_stage)
     counts["relative_dedup"] = relative_stage.outputs
     if eval_stores:
-        _guard(counts, cfg, outcome_problem("relative dedup", "dedup.relative_threshold",
-                                            dedup_stage.outputs["num_kept"], len(keep),
-                                            relative_similarities(relative_stage), cfg.dedup.relative_threshold))
+        _guard(counts, cfg, lambda: outcome_problem(
+            "relative dedup", "dedup.relative_threshold", dedup_stage.outputs["num_kept"], len(keep),
+            relative_similarities(relative_stage), cfg.dedup.relative_threshold))
 
     methods = {n: cfg.retrieve.method_for(s.num_rows) for n, s in seed_stores.items()}
     clusters, cluster_hash = None, None
@@ -272,8 +282,9 @@ def run_curation(
         counts["cluster"] = cluster_stage.outputs
 
     records: list[dict[str, Any]] = []
-    if cfg.hierarchical_sample:
+    if cfg.hierarchical_sample and rank == 0:  # not distributed yet: rank 0 alone, the others wait
         records += _hierarchical_records(store, keep, cfg, out, relative_stage.hash, counts)
+    _barrier()
     if seeds:
         retrieve_stage = Stage(out / "retrieve", "retrieve", {
             "kept": relative_stage.hash, "cluster": cluster_hash, "index": _result_key(cfg.index),
@@ -281,16 +292,22 @@ def run_curation(
         }, cfg.on_change)
         records += _retrieve_all(store, keep, seed_stores, clusters, cfg, retrieve_stage, indexes)
         counts["retrieve"] = retrieve_stage.outputs
+    if rank != 0:
+        _barrier()
+        return {}
     curated = union_records(records)
     write_jsonl(out / "curated.jsonl", curated)
     counts["curated"] = len(curated)
 
     _report(out, store, counts, dedup_stage, labels, clusters, cfg)
+    _barrier()
     return counts
 
 
-def _guard(counts: dict[str, Any], cfg: CurateConfig, problem: str | None) -> None:
-    """Log a stage's outcome problem (:mod:`dinolab.curate.guard`) and keep it in the counts; an error if strict."""
+def _guard(counts: dict[str, Any], cfg: CurateConfig, problem_of: Callable[[], str | None]) -> None:
+    """Rank 0 checks a stage's outcome (:mod:`dinolab.curate.guard`); every rank learns the verdict, so that
+    under ``--strict`` all ranks stop together. The problem is logged and kept in the counts."""
+    problem = collective.broadcast(problem_of() if collective.dist_env()[0] == 0 else None)
     if problem is None:
         return
     if cfg.strict:
@@ -328,23 +345,25 @@ def _retrieve_all(
     stage: Stage,
     indexes: _PoolIndexes,
 ) -> list[dict[str, Any]]:
-    """One shard per seed set (rows, similarities); on finish, ``<name>.jsonl`` per seed set."""
+    """One shard per seed set (rows, similarities), computed by all ranks together, written by rank 0;
+    on finish, ``<name>.jsonl`` per seed set. Returns the records on rank 0, ``[]`` elsewhere."""
     names = list(seed_stores)
-    methods: dict[int, str] = {}
-    index: list[PoolIndex] = []
-    if not stage.done:
-        stage.open()
-
-        def compute(i: int) -> dict[str, np.ndarray]:
-            if not index:
+    rank = collective.dist_env()[0]
+    index: list[ShardedIndex] = []
+    if not collective.open_stage(stage):
+        for i, name in enumerate(names):
+            if collective.broadcast(stage.shard_finished(i)):
+                continue
+            if not index:  # collective: every rank sees the same unfinished seed sets
                 index.append(indexes.over(keep))
-            methods[i], rows, sims = retrieve_for_seed_set(
-                names[i], seed_stores[names[i]], index[0], clusters, store.num_rows, cfg.retrieve
-            )
-            return {"rows": rows, "sims": sims}
-
-        stage.run_shards(len(names), compute, desc="retrieve",
-                         info=lambda i, _: {"seed_set": names[i], "method": methods[i]})
+            method, rows, sims = retrieve_sharded(name, seed_stores[name], index[0], clusters, store.num_rows,
+                                                  cfg.retrieve)
+            if rank == 0:
+                stage.write_shard(i, {"rows": rows, "sims": sims}, {"seed_set": name, "method": method})
+        index.clear()
+        collective.barrier()
+    if rank != 0:
+        return []
     markers = stage.shard_markers(len(names)) or []
     records = []
     for i, marker in enumerate(markers):

@@ -207,3 +207,48 @@ def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def retrieve_sharded(
+    name: str,
+    seeds: EmbeddingStore,
+    index: Any,
+    clusters: ClusterAssignment | None,
+    num_rows: int,
+    cfg: RetrieveConfig,
+) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+    """:func:`retrieve_for_seed_set` under torchrun (collective; the same result in one process).
+
+    Each rank searches its own chunks of the seed set (``rank, rank + W, ...``) in ``index`` (a
+    :class:`~dinolab.curate.sharded.ShardedIndex`: every rank's shard of the kept pool); rank 0 gathers
+    the candidates (rows and similarities, ``n_per_seed`` or ``hits_per_seed`` per seed) and applies the
+    cap (sample-based) or the cluster choice, quotas and cap (cluster-based, with ``clusters``, rank 0's).
+
+    Returns:
+        (method, pool rows [R], similarities [R]) on rank 0; (method, None, None) on other ranks.
+    """
+    from dinolab.curate import collective
+
+    method = cfg.method_for(seeds.num_rows)
+    k = cfg.n_per_seed if method == "sample" else cfg.hits_per_seed
+    mine = collective.my_chunks(seeds.num_chunks())
+    found = []
+    for j in range(collective.lockstep_rounds(len(mine))):
+        queries = seeds.chunk(mine[j])[1] if j < len(mine) else np.zeros((0, seeds.dim), np.float32)
+        sims, rows = index.search(queries, k)
+        if j < len(mine):
+            found.append((sims.ravel(), rows.ravel()))
+    gathered = [part for per_rank in collective.all_gather(found) for part in per_rank]
+    if collective.dist_env()[0] != 0:
+        return method, None, None
+    sims = np.concatenate([s for s, _ in gathered]) if gathered else np.zeros(0, np.float32)
+    rows = np.concatenate([r for _, r in gathered]) if gathered else np.zeros(0, np.int64)
+    if method == "sample":
+        return (method, *best_unique(rows, sims, cfg.cap))
+    if clusters is None:
+        raise ValueError(f"seed set {name!r}: cluster-based retrieval needs the cluster stage")
+    cluster_of_row = clusters.cluster_of_rows(num_rows)
+    hit = cluster_of_row[rows[rows >= 0]]
+    hits = np.bincount(hit[hit >= 0], minlength=len(clusters.centroids))
+    return (method, *cluster_based(hits, clusters, cfg.min_hits, cfg.per_cluster, cfg.cap, cfg.cluster_sampling,
+                                   cfg.seed))

@@ -148,16 +148,22 @@ class Stage:
         Returns:
             The number of shards computed by this call (finished ones are skipped).
         """
-        mine = [i for i in range(rank, num_shards, world_size) if not self.shard_finished(i)]
+        mine = self.unfinished(num_shards, rank, world_size)
         for index in tqdm(mine, desc=desc or self.name, unit="shard", disable=not mine):
             arrays = compute(index)
-            atomic_save_npz(self.shard_file(index), **arrays)
-            first = next(iter(arrays.values()))
-            marker = {"file": self.shard_file(index).name, "count": int(len(first))}
-            if info is not None:
-                marker.update(info(index, arrays))
-            atomic_write_json(self.shard_marker(index), marker)
+            self.write_shard(index, arrays, info(index, arrays) if info is not None else None)
         return len(mine)
+
+    def write_shard(self, index: int, arrays: dict[str, np.ndarray], extra: dict[str, Any] | None = None) -> None:
+        """Save shard ``index`` (atomic ``.npz``), then its marker (``file``, ``count`` and ``extra``)."""
+        atomic_save_npz(self.shard_file(index), **arrays)
+        first = next(iter(arrays.values()))
+        marker = {"file": self.shard_file(index).name, "count": int(len(first)), **(extra or {})}
+        atomic_write_json(self.shard_marker(index), marker)
+
+    def unfinished(self, num_shards: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        """This rank's shards (``rank, rank + world_size, ...``) that have no marker yet."""
+        return [i for i in range(rank, num_shards, world_size) if not self.shard_finished(i)]
 
     def shard_markers(self, num_shards: int) -> list[dict[str, Any]] | None:
         """The markers of all shards in order, or ``None`` if some shard is unfinished."""

@@ -1,0 +1,130 @@
+"""Collectives for curation under ``torchrun`` (gloo or nccl), no-ops in one process.
+
+Every stage after embedding runs on all ranks: rank r owns the pool chunks ``r, r + W, ...`` (as
+embedding strides shards), exchanges only what it must with these helpers, and rank 0 alone writes
+manifests and whole-stage files while the others wait at :func:`barrier`.
+
+Outputs must not depend on W, so every reduction here is order-free: sums are exact integer sums
+(:func:`fixed_point`), and merged neighbour lists are sorted by ``(-similarity, row)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from dinolab.curate.embed import dist_env
+
+# Fixed-point scale for exact (hence order-free) sums of unit-vector coordinates: 2^32 steps per unit
+# leaves 2^31 summands of |x| <= 1 before int64 overflows, and is finer than float32 near 1e-2.
+FIXED_POINT = 2.0**32
+
+
+def initialised() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def barrier() -> None:
+    if initialised():
+        torch.distributed.barrier()
+
+
+def _device() -> torch.device:
+    if initialised() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (picklable objects)."""
+    if not initialised():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (picklable objects, e.g. small arrays)."""
+    if not initialised():
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(x: np.ndarray) -> np.ndarray:
+    """Element-wise sum over ranks of an int64 or float array (exact for integers)."""
+    if not initialised():
+        return x
+    t = torch.from_numpy(np.ascontiguousarray(x)).to(_device())
+    torch.distributed.all_reduce(t)
+    return t.cpu().numpy()
+
+
+def fixed_point(x: np.ndarray) -> np.ndarray:
+    """Float array -> int64 fixed point (:data:`FIXED_POINT`), whose sums are exact in any order."""
+    return np.rint(np.asarray(x, dtype=np.float64) * FIXED_POINT).astype(np.int64)
+
+
+def my_chunks(num_chunks: int) -> list[int]:
+    """The pool chunks this rank owns: ``rank, rank + W, ...``."""
+    rank, world_size = dist_env()
+    return list(range(rank, num_chunks, world_size))
+
+
+def lockstep_rounds(count: int) -> int:
+    """Rounds every rank must run when rank r has ``count`` items of work: the largest count."""
+    return max(all_gather(int(count)))
+
+
+def merge_topk(sims: list[np.ndarray], rows: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k over the neighbour lists that several index shards returned for the same queries.
+
+    Args:
+        sims: per shard [Q, k_s] similarities (missing slots -inf).
+        rows: per shard [Q, k_s] pool rows (missing slots -1).
+
+    Returns:
+        sims [Q, k], rows [Q, k], sorted by (-similarity, row): the same whatever the sharding.
+    """
+    s = np.concatenate(sims, axis=1)
+    r = np.concatenate(rows, axis=1)
+    if s.shape[1] < k:
+        pad = k - s.shape[1]
+        s = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
+        r = np.pad(r, ((0, 0), (0, pad)), constant_values=-1)
+    # missing slots (row -1) last, then most similar first, ties by row
+    order = np.lexsort((r, -s, r < 0), axis=1)[:, :k]
+    return np.take_along_axis(s, order, axis=1), np.take_along_axis(r, order, axis=1)
+
+
+def run_lockstep(stage: Any, num_shards: int, compute: Any) -> int:
+    """Run this rank's unfinished shards of ``stage`` in rounds that every rank joins.
+
+    ``compute(index)`` returns the shard's arrays; it may call collectives (a sharded search), so a
+    rank with no shard left in a round still calls ``compute(None)``, whose result is dropped.
+    A restarted rank begins at its first unfinished shard.
+
+    Returns:
+        The number of shards this rank computed.
+    """
+    rank, world_size = dist_env()
+    mine = stage.unfinished(num_shards, rank, world_size)
+    for j in range(lockstep_rounds(len(mine))):
+        index = mine[j] if j < len(mine) else None
+        arrays = compute(index)
+        if index is not None:
+            stage.write_shard(index, arrays)
+    return len(mine)
+
+
+def open_stage(stage: Any) -> bool:
+    """Every rank agrees whether ``stage`` is done; if not, rank 0 opens it. Returns done."""
+    done = bool(broadcast(stage.done))
+    if not done and dist_env()[0] == 0:
+        stage.open()
+    barrier()
+    return done

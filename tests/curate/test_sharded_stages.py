@@ -1,0 +1,105 @@
+"""Two gloo ranks curate exactly as one process: the same curated.jsonl, dedup components and k-means.
+
+Every stage runs on both ranks, each on its own chunks (sharded k-NN index, per-chunk relative dedup,
+k-means with all-reduced integer sums, sharded retrieval searches); rank 0 merges and writes. A rank that
+dies after its first dedup shard is restarted and the run ends with the same bytes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+from dist_harness import run_ranks  # noqa: E402
+
+from dinolab.curate.pipeline import CurateConfig, run_curation  # noqa: E402
+from dinolab.curate.stages import Stage  # noqa: E402
+
+from conftest import planted_pool  # noqa: E402
+
+
+def _inputs(folder: Path) -> dict:
+    x, _ = planted_pool(n_base=300, dim=32, n_groups=25, copies=2, noise=0.3, seed=0)
+    np.save(folder / "pool.npy", x)
+    rng = np.random.default_rng(1)
+    np.save(folder / "near.npy", x[:40] + 0.05 * rng.standard_normal((40, 32)).astype(np.float32))
+    np.save(folder / "few.npy", x[40:46] + 0.05 * rng.standard_normal((6, 32)).astype(np.float32))
+    np.save(folder / "eval.npy", x[100:104])
+    return {"pool": folder / "pool.npy", "seeds": {"near": folder / "near.npy", "few": folder / "few.npy"},
+            "eval_sets": {"val": folder / "eval.npy"}}
+
+
+def _config() -> CurateConfig:
+    cfg = CurateConfig(chunk_rows=64)  # 350 rows: 6 chunks, strided 3 + 3 over 2 ranks
+    cfg.dedup.k = 8
+    cfg.index.kind = "flat"
+    cfg.kmeans.n_clusters = 6
+    cfg.kmeans.n_iter = 5
+    cfg.kmeans.max_points_per_centroid = 30  # a 180-row sample spread over the chunks of both ranks
+    cfg.retrieve.cluster_below = 10  # "near" (40 seeds) sample-based, "few" (6 seeds) cluster-based
+    cfg.retrieve.per_cluster = 20
+    cfg.retrieve.min_hits = 1
+    cfg.retrieve.cap = 50
+    return cfg
+
+
+def _curate(rank: int, folder: str, out: str, fail_after_first_dedup_shard: bool) -> None:
+    torch.distributed.init_process_group("gloo")
+    try:
+        if fail_after_first_dedup_shard and rank == 1:
+            original = Stage.write_shard
+
+            def write_then_die(self, index, arrays, extra=None):
+                original(self, index, arrays, extra)
+                if self.name == "dedup":
+                    raise RuntimeError("rank 1 killed after its first dedup shard")
+
+            Stage.write_shard = write_then_die
+        inputs = _inputs(Path(folder))
+        run_curation(inputs["pool"], inputs["seeds"], out, _config(), eval_sets=inputs["eval_sets"])
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    files = ["curated.jsonl", "retrieve/near.jsonl", "retrieve/few.jsonl", "cluster/centroids.npy",
+             "relative_dedup/keep.npz"]
+    found = {name: (out / name).read_bytes() for name in files}
+    with np.load(out / "dedup" / "components.npz") as data:
+        found["labels"] = data["labels"].tobytes()
+    for i in range(6):
+        with np.load(out / "cluster" / f"shard_{i:05d}.npz") as data:
+            found[f"cluster {i}"] = b"".join(data[k].tobytes() for k in ("rows", "cluster", "sim"))
+    return found
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict[str, bytes]:
+    folder = tmp_path_factory.mktemp("one")
+    inputs = _inputs(folder)
+    counts = run_curation(inputs["pool"], inputs["seeds"], folder / "out", _config(), eval_sets=inputs["eval_sets"])
+    assert counts["self_dedup"]["num_duplicate_components"] >= 25 and counts["retrieve"]["few"]["method"] == "cluster"
+    assert counts["curated"] > 0
+    return _outputs(folder / "out")
+
+
+def test_two_ranks_give_the_same_bytes_as_one_process(tmp_path, one_process):
+    run_ranks(_curate, 2, str(tmp_path), str(tmp_path / "out"), False)
+    two = _outputs(tmp_path / "out")
+    assert [name for name in one_process if one_process[name] != two[name]] == []
+
+
+def test_a_rank_killed_mid_dedup_restarts_and_finishes_the_same(tmp_path, one_process):
+    # either rank's error may be the one reported: rank 1's own, or rank 0's lost connection to it
+    with pytest.raises(Exception, match=r"killed after its first dedup shard|Connection reset|Connection closed"):
+        run_ranks(_curate, 2, str(tmp_path), str(tmp_path / "out"), True)
+    dedup = tmp_path / "out" / "dedup"
+    assert not (dedup / "components.npz").exists() and (dedup / "shard_00001.json").exists()
+    run_ranks(_curate, 2, str(tmp_path), str(tmp_path / "out"), False)
+    two = _outputs(tmp_path / "out")
+    assert [name for name in one_process if one_process[name] != two[name]] == []
