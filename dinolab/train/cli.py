@@ -7,7 +7,11 @@ Also, from a dinolab checkpoint (``RUN/checkpoints/ckpt_*.pth`` or ``dcp_*/``):
 * ``--high-res CKPT``: high-resolution adaptation, the run's own config with the ``highres`` deltas
   (``dinolab/configs/deltas/highres.yaml``: 518 px, schedules compressed into 10k iterations, a reduced lr),
   initialised from CKPT; they are no preset of their own (``--preset highres`` is refused in one line);
-* ``--init-from CKPT``: a new run initialised from CKPT (``train.init_from``).
+* ``--init-from CKPT``: a new run initialised from CKPT (``train.init_from``);
+* ``--adapt WEIGHTS``: continued pretraining of a released backbone (an official hub ``.pth``, a Hugging Face
+  state dict, a dinolab export or a run folder) on ``--data``: the student built from and initialised with the
+  weights, a head warm-up on the frozen backbone, then the whole model at a reduced lr (presets ``adapt_vits14``,
+  ``adapt_vitb14``, ``adapt_vitl14``, ``adapt_cpu``; see ``dinolab/train/adapt.py``).
 
 Under ``torchrun --nproc_per_node=N`` the same command trains on N processes; only rank 0 prints.
 """
@@ -35,6 +39,8 @@ def build_config(args: argparse.Namespace) -> Config:
     init_from = args.high_res or args.init_from
     if init_from:
         base["train"] = {"init_from": init_from}
+    if getattr(args, "adapt", None):
+        return _adapt_config(args, base)
     if args.high_res:
         from dinolab.train.checkpointer import run_config_path
 
@@ -42,6 +48,26 @@ def build_config(args: argparse.Namespace) -> Config:
             raise FileNotFoundError(f"--high-res: checkpoint {args.high_res} does not exist")
         return load_run_config(run_config_path(args.high_res), args.preset or HIGH_RES_PRESET, args.overrides, base)
     preset = args.preset or (DEFAULT_PRESET if args.data else DEMO_PRESET)
+    return load_config(preset, args.overrides, base=base)
+
+
+def _adapt_config(args: argparse.Namespace, base: dict) -> Config:
+    """``--adapt WEIGHTS``: preset (default: by the weights' size) <- the weights' architecture and crops <-
+    an epoch of the data (``optim.epoch_length = images // global batch``, unless overridden) <- overrides."""
+    import os
+
+    from dinolab.train.adapt import adapt_base
+
+    if args.distill_from or args.high_res or args.init_from:
+        raise ValueError("--adapt starts from its weights: drop --distill-from/--high-res/--init-from")
+    deltas, default_preset = adapt_base(args.adapt)
+    base.update(deltas)
+    preset = args.preset or default_preset
+    cfg = load_config(preset, args.overrides, base=base)
+    if any(o.split("=", 1)[0].strip() == "optim.epoch_length" for o in args.overrides):
+        return cfg
+    batch = cfg.train.batch_size_per_gpu * int(os.environ.get("WORLD_SIZE", "1"))
+    base["optim"] = {"epoch_length": max(1, dataset_size(cfg.data.path) // batch)}
     return load_config(preset, args.overrides, base=base)
 
 
@@ -183,6 +209,11 @@ def register(subparsers) -> None:
                         "(its config + the highres deltas of dinolab/configs/deltas/)")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start a new run from a dinolab checkpoint's student, teacher and heads")
+    p.add_argument("--adapt", default=None, metavar="WEIGHTS",
+                   help="continue pretraining a released backbone on --data: an official hub .pth, a Hugging Face "
+                        "state dict, a dinolab export (.pth/.safetensors) or a run folder; the student takes the "
+                        "weights' architecture and crop sizes (default preset: adapt_vits14/vitb14/vitl14 by size, "
+                        "adapt_cpu for small models)")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if the run directory holds a checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true",

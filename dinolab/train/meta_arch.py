@@ -30,10 +30,11 @@ from dinolab.models.vit import DinoVisionTransformer
 
 
 def build_student_backbone(cfg: Config) -> DinoVisionTransformer:
-    """The student backbone of ``cfg.student``; position embeddings sized for the global crops."""
+    """The student backbone of ``cfg.student``; position embeddings sized for the global crops
+    (or ``student.img_size``: e.g. the grid of the weights it adapts)."""
     s = cfg.student
     overrides = dict(
-        img_size=cfg.crops.global_crops_size,
+        img_size=s.img_size or cfg.crops.global_crops_size,
         patch_size=s.patch_size,
         drop_path_rate=s.drop_path_rate,
         drop_path_mode=s.drop_path_mode,
@@ -76,6 +77,9 @@ class SSLMetaArch(nn.Module):
         if cfg.teacher.centering == "softmax":
             self.dino_center = EmaCenter(cfg.dino.head.n_prototypes, cfg.teacher.center_momentum)
             self.ibot_center = EmaCenter(self._ibot_prototypes, cfg.teacher.center_momentum)
+
+    def begin_step(self, iteration: int) -> None:
+        """Called before each training step (0-based ``iteration``); adaptation freezes its backbone here."""
 
     @property
     def ema(self) -> nn.ModuleDict:
@@ -142,8 +146,8 @@ class SSLMetaArch(nn.Module):
     def student_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
         """Student on masked global and local crops, packed in one pass per block.
 
-        Returns ``dino_logits`` [2 + nL, B, K], ``ibot_logits`` [M, K] and ``global_cls`` [2B, D]
-        (the backbone's class tokens, for KoLeo).
+        Returns ``dino_logits`` [2 + nL, B, K], ``ibot_logits`` [M, K], ``global_cls`` [2B, D]
+        (the backbone's class tokens, for KoLeo) and ``global_patches`` [2B, N, D] (for adaptation's anchor).
         """
         g, l = batch["global_crops"], batch["local_crops"]
         masks = self._student_masks(batch)
@@ -160,7 +164,8 @@ class SSLMetaArch(nn.Module):
         B = g.shape[0] // 2
         patches = self._ibot_tokens(g_out["x_norm_patchtokens"], batch)
         dino_logits, ibot_logits = self._head_logits(self.student, cls, patches)
-        outputs = {"dino_logits": dino_logits.view(-1, B, dino_logits.shape[-1]), "global_cls": g_out["x_norm_clstoken"]}
+        outputs = {"dino_logits": dino_logits.view(-1, B, dino_logits.shape[-1]), "global_cls": g_out["x_norm_clstoken"],
+                   "global_patches": g_out["x_norm_patchtokens"]}
         if ibot_logits is not None:
             outputs["ibot_logits"] = ibot_logits
         return outputs

@@ -45,6 +45,7 @@ def train_step(
     The gradients are freed after the optimizer step unless ``keep_grads`` (to inspect them).
     Returns the loss terms as floats (``total`` included).
     """
+    meta.begin_step(iteration)
     apply_schedule(optimizer, lr=sched.lr, weight_decay=sched.weight_decay, last_layer_lr=sched.last_layer_lr)
     device = batch["global_crops"].device
     with autocast_context(device, precision):
