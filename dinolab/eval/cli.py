@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,11 +86,22 @@ def evaluate(protocol: str, model: nn.Module, data_path: str | Path, cfg: Any, a
     return p.run(model, p.load(str(data_path), cfg), cfg, artifacts)
 
 
+def _bf16_is_fast(device: str) -> bool:
+    """bf16 autocast by default where it is fast: CUDA, or a CPU with native bf16 (else fp32, said in one line)."""
+    from dinolab.layers.precision import cpu_has_fast_bf16
+
+    if resolve_device(device).type == "cuda" or cpu_has_fast_bf16():
+        return True
+    print("note: this CPU has no native bfloat16 (AVX512-BF16/AMX): extracting in float32", file=sys.stderr)
+    return False
+
+
 def run_eval(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.image_size is not None:
         overrides.append(f"image_size={args.image_size}")
-    overrides += [f"features.batch_size={args.batch_size}", f"features.bf16={not args.no_bf16}"]
+    bf16 = not args.no_bf16 and _bf16_is_fast(args.device)
+    overrides += [f"features.batch_size={args.batch_size}", f"features.bf16={bf16}"]
     overrides += [f"features.use_cache={not args.no_cache}"]
     if args.cache_dir:
         overrides.append(f"features.cache_dir={args.cache_dir}")
@@ -130,7 +142,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="results JSON path (a Markdown report and PNGs are written beside it)")
     p.add_argument("--image-size", help="input size: an int (square) or [H,W] for dense protocols")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--no-bf16", action="store_true", help="extract in float32 instead of bfloat16 autocast")
+    p.add_argument("--no-bf16", action="store_true", help="extract in float32 instead of bfloat16 autocast (the default only where bf16 is "
+                   "fast: CUDA, or a CPU with AVX512-BF16/AMX)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda ...")
     p.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/dinolab/eval-features)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")

@@ -50,6 +50,7 @@ from dinolab.distributed.env import (
 )
 from dinolab.distributed.fsdp import parallelize, unwrap, unwrapped_side
 from dinolab.io import atomic_write_json, atomic_write_text
+from dinolab.layers.precision import cpu_has_fast_bf16
 from dinolab.models.checkpoints import save_backbone
 from dinolab.train.checkpointer import Checkpointer, load_meta_weights, read_model_state
 from dinolab.train.host_memory import keep_freed_memory
@@ -80,9 +81,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on CPU and on GPUs that support it; fp16 is refused on CPU (~70x slower)."""
+    """``auto``: bf16 on GPUs that support it and on CPUs that multiply bf16 natively (AVX512-BF16 / AMX), else
+    fp32 (an AVX2-only CPU emulates bf16 ~100x slower than fp32); fp16 is refused on CPU (~70x slower)."""
     if precision == "auto":
-        ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+        on_cpu = device.type == "cpu" and cpu_has_fast_bf16()
+        ok = on_cpu or (device.type == "cuda" and torch.cuda.is_bf16_supported())
         return "bf16" if ok else "fp32"
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("train.precision=fp16 is for GPUs only (fp16 matmuls are ~70x slower on CPU): use bf16")

@@ -237,3 +237,23 @@ def test_written_files_follow_the_umask(data, tmp_path):
     for name in ("config.yaml", "summary.json", "teacher_backbone.pth", "teacher_backbone.safetensors",
                  "checkpoints/ckpt_0000001.pth", "loss_curves.png"):
         assert oct((run / name).stat().st_mode & 0o777) == oct(0o644), name
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch, native):
+    # an AVX2-only CPU emulates bf16 matmuls (measured 0.9 vs 102 GFLOP/s fp32): auto must not pick it there
+    monkeypatch.setattr(loop_module, "cpu_has_fast_bf16", lambda: native)
+    assert loop_module.resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+    assert loop_module.resolve_precision("bf16", torch.device("cpu")) == "bf16"  # asked for: kept
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
+    from dinolab.layers import precision
+
+    for flags, expected in (("fpu avx2 avx512f", False), ("fpu avx2 avx512f avx512_bf16", True), ("amx_bf16", True)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor : 0\nflags : {flags}\n")
+        monkeypatch.setattr(precision, "Path", lambda _p, info=info: info)
+        precision.cpu_has_fast_bf16.cache_clear()
+        assert precision.cpu_has_fast_bf16() is expected, flags
+    precision.cpu_has_fast_bf16.cache_clear()
