@@ -20,7 +20,18 @@ from dist_harness import run_ranks  # noqa: E402
 from dinolab.curate.pipeline import CurateConfig, run_curation  # noqa: E402
 from dinolab.curate.stages import Stage  # noqa: E402
 
-from conftest import planted_pool  # noqa: E402
+def _load_planted_pool():
+    """tests/curate/conftest.py's generator, loaded by path: a spawned rank's ``import conftest`` may find
+    another folder's conftest first (the whole suite puts several on sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("curate_conftest", Path(__file__).with_name("conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.planted_pool
+
+
+planted_pool = _load_planted_pool()
 
 
 def _inputs(folder: Path) -> dict:
