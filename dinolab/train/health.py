@@ -111,7 +111,8 @@ def health_flags(records: list[dict], cfg: Config, rel_tol: float = REL_TOL,
                 f"the {name} term sits at ln {lv['K']} = {lv['ln_k']:.3f}{scale} over the last {len(values)} "
                 f"logged value(s) (last {values[-1]:.3f}): the student predicts the uniform distribution over "
                 f"the prototypes and this term learns nothing; try fewer prototypes ({head_key[term]}={smaller}), "
-                f"a sharper teacher (teacher.teacher_temp=0.04) or a longer warm-up "
+                + (f"a sharper teacher (teacher.teacher_temp=0.04), " if cfg.teacher.teacher_temp > 0.04 else "")
+                + "a longer warm-up "
                 f"(optim.warmup_epochs, teacher.warmup_teacher_temp_epochs)")
     koleo = _last_half(records, "koleo")
     w = cfg.dino.koleo_loss_weight
