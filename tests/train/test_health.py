@@ -32,7 +32,10 @@ def test_monitor_flags_a_term_stuck_at_ln_k_and_not_a_learning_one():
     assert stuck["dino_at_uniform"] and stuck["ibot_at_uniform"] and not stuck["collapse"]
     assert len(stuck["messages"]) == 2
     assert "ln 256" in stuck["messages"][0] and "dino.head.n_prototypes=64" in stuck["messages"][0]
-    assert "teacher.teacher_temp=0.04" in stuck["messages"][0] and "warm-up" in stuck["messages"][0]
+    assert "warm-up" in stuck["messages"][0]
+    assert "teacher.teacher_temp=0.04" not in stuck["messages"][0]  # the cpu preset's teacher is already at 0.04
+    warmer = health_flags(_records(300, lambda i: ln_dino, lambda i: ibot_uniform), _cfg("teacher.teacher_temp=0.07"))
+    assert "teacher.teacher_temp=0.04" in warmer["messages"][0]
     json.dumps(stuck)  # goes into summary.json as is
 
     learning = health_flags(_records(300, lambda i: ln_dino * (1 - 0.5 * i / 300),
