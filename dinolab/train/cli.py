@@ -147,9 +147,8 @@ def validate_run(cfg: Config, output: str | Path) -> None:
                          f"set train.batch_size_per_gpu to at most {max(n // world, 1)}")
     device = loop.resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     loop.resolve_precision(cfg.train.precision, device)
-    if cfg.train.compile and device.type == "cpu" and not loop._cpp_compiler():
-        raise ValueError("train.compile=true needs a C++ compiler on CPU (g++ or c++ on the PATH, or $CXX): "
-                         "install one, or set train.compile=false")
+    if cfg.train.compile:
+        loop.check_compiler(device)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -197,13 +197,19 @@ def compile_backbones(meta: SSLMetaArch, device: torch.device | None = None) -> 
 
     On CPU, inductor compiles C++: without a compiler on the PATH this stops here, in one line.
     """
-    if device is not None and device.type == "cpu" and not _cpp_compiler():
-        raise ValueError("train.compile=true needs a C++ compiler on CPU (g++ or c++ on the PATH, or $CXX): "
-                           "install one, or set train.compile=false")
+    if device is not None:
+        check_compiler(device)
     for module in meta.modules():
         if isinstance(module, DinoVisionTransformer):
             for blk in module.blocks:
                 blk.compile(dynamic=False)
+
+
+def check_compiler(device: torch.device) -> None:
+    """``train.compile=true`` on CPU needs a C++ compiler (inductor builds C++): one line when there is none."""
+    if device.type == "cpu" and not _cpp_compiler():
+        raise ValueError("train.compile=true needs a C++ compiler on CPU (g++ or c++ on the PATH, or $CXX): "
+                         "install one, or set train.compile=false")
 
 
 def _cpp_compiler() -> str | None:
