@@ -89,3 +89,36 @@ def bad_name():
     except UnicodeEncodeError:  # a filesystem encoding without surrogateescape (not POSIX)
         pytest.skip("file names with undecodable bytes need a POSIX filesystem encoding")
     return undecodable_name
+
+
+def _write_images(folder, n: int, size: int, names: str = "{i}.png") -> list:
+    """``n`` random RGB PNGs of ``size`` x ``size`` in ``folder`` (made if missing), seed 0; returns the paths."""
+    import numpy as np
+    from PIL import Image
+
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = [folder / names.format(i=i) for i in range(n)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+    return paths
+
+
+@pytest.fixture
+def write_images():
+    """The :func:`_write_images` writer: ``write_images(folder, n, size)`` -> paths of random RGB PNGs."""
+    return _write_images
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (and spin-waits on a busy 2-core machine: 3x)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

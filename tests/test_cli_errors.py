@@ -42,13 +42,9 @@ def no_model(monkeypatch):
 
 
 @pytest.fixture
-def images(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
+def images(tmp_path, write_images):
+    write_images(tmp_path / "imgs", 4, 32)
+    return tmp_path / "imgs"
 
 
 @pytest.fixture

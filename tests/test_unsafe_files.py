@@ -56,15 +56,9 @@ def evil_dcp(tmp_path, marker):
 
 
 @pytest.fixture
-def images(tmp_path):
-    from PIL import Image
-
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
+def images(tmp_path, write_images):
+    write_images(tmp_path / "images", 4, 28)
+    return tmp_path / "images"
 
 
 def tiny_data(tmp_path) -> Path:

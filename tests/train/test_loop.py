@@ -193,14 +193,9 @@ def test_no_resume_starts_from_scratch(data, tmp_path):
     assert sorted(losses_by_iteration(run)) == [1, 2]
 
 
-def test_unreadable_files_are_skipped_and_counted_in_the_summary(tmp_path):
-    from PIL import Image
-
+def test_unreadable_files_are_skipped_and_counted_in_the_summary(tmp_path, write_images):
     folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(14):
-        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    write_images(folder, 14, 20, names="{i:02d}.png")
     for name in ("bad1.png", "bad2.jpg", "bad3.png"):  # not images
         (folder / name).write_text("not an image")
     cfg = load_config("cpu", [*TINY, "train.max_iters=3"], base={"data": {"path": str(folder)}})

@@ -29,13 +29,7 @@ STRUCTURE = ["student.arch", "student.patch_size", "student.ffn_layer", "student
              "train.distributed"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and spin-waits on a busy 2-core machine: 3x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny tensors, one thread
 
 
 def shrink(patch_size: int) -> list[str]:

@@ -49,13 +49,7 @@ B = 3  # images; 2B = 6 global crops of which int(6 * 0.5) = 3 masked
 WEIGHTS = {"dino.loss_weight": 0.7, "ibot.loss_weight": 1.3, "dino.koleo_loss_weight": 0.2}  # not the defaults
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and spin-waits on a busy 2-core machine: 3x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny tensors, one thread
 
 
 # ----------------------------------------------------------------------------- the official formulas
