@@ -68,8 +68,6 @@ def train(data=None, output="runs/dinolab", preset=None, **kwargs: Any) -> dict:
     parser = argparse.ArgumentParser(prog="dinolab")
     train_cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(train_argv(data, output, preset, **kwargs))
-    if args.high_res and args.init_from:
-        raise ValueError("--high-res already initialises from its checkpoint: drop --init-from")
     cfg = train_cli.build_config(args)
     train_cli.validate_run(cfg, args.output)
     return train_loop(cfg, args.output, resume=not args.no_resume, progress=not args.no_progress)

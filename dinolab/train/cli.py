@@ -33,6 +33,8 @@ HIGH_RES_PRESET = "highres"  # dinolab/configs/deltas/highres.yaml, not a --pres
 
 def build_config(args: argparse.Namespace) -> Config:
     """Preset (or, with ``--high-res``, the source run's config + the high-res deltas) <- flags <- overrides."""
+    if args.high_res and args.init_from:
+        raise ValueError("--high-res already initialises from its checkpoint: drop --init-from")
     base: dict = {"data": {k: v for k, v in (("path", args.data), ("eval_path", args.eval_data)) if v is not None}}
     if args.distill_from:
         base["distill"] = {"teacher_checkpoint": args.distill_from}
@@ -155,8 +157,6 @@ def run_train(args: argparse.Namespace) -> int:
     from dinolab.distributed.env import is_main
     from dinolab.train.loop import train
 
-    if args.high_res and args.init_from:
-        raise ValueError("--high-res already initialises from its checkpoint: drop --init-from")
     cfg = build_config(args)
     if args.print_config:
         print(to_yaml(cfg), end="")
