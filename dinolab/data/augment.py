@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
+from dinolab.configs.schema import CropsConfig
 from dinolab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-BlurSemantics = Literal["paper", "official_code"]
 
 # Blur probability of (global crop 1, global crop 2, local crops).
 # "paper": the probabilities written in dinov2 augmentations.py:73-82 (and in the DINO/BYOL papers).
@@ -183,42 +181,30 @@ def make_rng(seed: Seed) -> np.random.Generator:
 
 @dataclass(frozen=True)
 class MultiCropAugmentation:
-    """DINOv2 multi-crop augmentation: its configuration and, when called, the transform.
+    """DINOv2 multi-crop augmentation: a :class:`~dinolab.configs.schema.CropsConfig` and, when called, the transform.
 
-    Defaults are the official ViT-*/14 recipe (dinov2 ``ssl_default_config.yaml`` with the
-    ``vitl14``/``vitg14`` local crop size 98 = 7 x 7 patches of 14).
+    Every setting a recipe chooses (crop sizes, scales, counts, colour, blur, solarize) is read from
+    ``crops``, whose dataclass holds the only defaults. The remaining fields are the official code's fixed
+    constants, which no recipe changes (tests set them to isolate one operation).
 
-    ``blur_semantics`` defaults to ``"official_code"`` (blur probabilities 0.0 / 0.9 / 0.5 for
-    global 1 / global 2 / local) because that is what produced every released DINOv2 checkpoint
-    and every published DINOv2 number; a reimplementation that wants to reproduce them must blur
-    as the official code executes, not as it reads. ``"paper"`` (1.0 / 0.1 / 0.5, the BYOL/DINO
-    asymmetric recipe the code meant to write) is there for ablations (RECIPE §2.1, §6.1).
+    ``crops.blur_semantics="official_code"`` (blur probabilities 0.0 / 0.9 / 0.5 for global 1 / global 2 /
+    local) is what produced every released DINOv2 checkpoint and every published DINOv2 number; a
+    reimplementation that wants to reproduce them must blur as the official code executes, not as it
+    reads. ``"paper"`` (1.0 / 0.1 / 0.5, the BYOL/DINO asymmetric recipe the code meant to write) is
+    there for ablations (RECIPE §2.1, §6.1).
 
     Call with a PIL image (any mode) or a uint8 array [H, W, 3] / [H, W] and a seed source:
 
-        aug = MultiCropAugmentation(local_crops_number=6, local_crops_size=16, global_crops_size=32)
+        aug = MultiCropAugmentation(CropsConfig(local_crops_number=6, local_crops_size=16, global_crops_size=32))
         out = aug(image, rng=np.random.default_rng(0))
         out["global_crops"]   # list of 2 float32 tensors [3, global_crops_size, global_crops_size]
         out["local_crops"]    # list of local_crops_number tensors [3, local_crops_size, local_crops_size]
     """
 
-    global_crops_size: int = 224
-    global_crops_scale: tuple[float, float] = (0.32, 1.0)
-    local_crops_number: int = 8
-    local_crops_size: int = 98
-    local_crops_scale: tuple[float, float] = (0.05, 0.32)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crops: CropsConfig
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect range
     hflip_p: float = 0.5
-    color_jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_semantics: BlurSemantics = "official_code"
     blur_kernel_size: int = 9
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.2
     solarize_threshold: int = 128
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -234,31 +220,18 @@ class MultiCropAugmentation:
         object.__setattr__(self, "_shift", mean / std)
 
     def _validate(self) -> None:
-        if self.blur_semantics not in BLUR_PROBABILITIES:
-            raise ValueError(f"blur_semantics must be one of {sorted(BLUR_PROBABILITIES)}, got {self.blur_semantics!r}")
-        for name in ("global_crops_size", "local_crops_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive number of pixels, got {getattr(self, name)}")
-        if self.local_crops_number < 0:
-            raise ValueError(f"local_crops_number must be >= 0, got {self.local_crops_number}")
-        for name in ("global_crops_scale", "local_crops_scale"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
+        """The fixed constants; ``crops`` validates itself (``CropsConfig.__post_init__``)."""
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
-        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
-            raise ValueError(f"blur_sigma must satisfy 0 < min <= max, got {self.blur_sigma}")
         if self.blur_kernel_size < 1 or self.blur_kernel_size % 2 == 0:
             raise ValueError(f"blur_kernel_size must be odd and positive, got {self.blur_kernel_size}")
-        for name in ("hflip_p", "color_jitter_p", "grayscale_p", "solarize_p"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.hflip_p <= 1:
+            raise ValueError(f"hflip_p is a probability in [0, 1], got {self.hflip_p}")
 
     @property
     def blur_probabilities(self) -> tuple[float, float, float]:
         """Blur probability of (global crop 1, global crop 2, each local crop) under ``blur_semantics``."""
-        return BLUR_PROBABILITIES[self.blur_semantics]
+        return BLUR_PROBABILITIES[self.crops.blur_semantics]
 
     def __call__(self, image: Image.Image | np.ndarray, rng: Seed = None) -> dict[str, list[torch.Tensor]]:
         """Multi-crop one image.
@@ -273,12 +246,13 @@ class MultiCropAugmentation:
         """
         image = _as_rgb_pil(image)
         rng = make_rng(rng)
+        c = self.crops
         p_blur_g1, p_blur_g2, p_blur_local = self.blur_probabilities
-        g_args = (self.global_crops_size, self.global_crops_scale)
+        g_args = (c.global_crops_size, tuple(c.global_crops_scale))
         global_1 = self._crop_to_tensor(image, *g_args, p_blur_g1, 0.0, rng)
-        global_2 = self._crop_to_tensor(image, *g_args, p_blur_g2, self.solarize_p, rng)
-        l_args = (self.local_crops_size, self.local_crops_scale)
-        local = [self._crop_to_tensor(image, *l_args, p_blur_local, 0.0, rng) for _ in range(self.local_crops_number)]
+        global_2 = self._crop_to_tensor(image, *g_args, p_blur_g2, c.solarize_p, rng)
+        l_args = (c.local_crops_size, tuple(c.local_crops_scale))
+        local = [self._crop_to_tensor(image, *l_args, p_blur_local, 0.0, rng) for _ in range(c.local_crops_number)]
         return {"global_crops": [global_1, global_2], "local_crops": local}
 
     def _crop_to_tensor(
@@ -295,7 +269,7 @@ class MultiCropAugmentation:
         crop = self._color(crop, rng)
         x = torch.from_numpy(np.array(crop)).permute(2, 0, 1).contiguous()  # [3, size, size] uint8
         if rng.random() < blur_p:
-            x = gaussian_blur(x, float(rng.uniform(*self.blur_sigma)), self.blur_kernel_size)
+            x = gaussian_blur(x, float(rng.uniform(*self.crops.blur_sigma)), self.blur_kernel_size)
         if rng.random() < solarize_p:
             x = solarize(x, self.solarize_threshold)
         return x.float().mul_(self._scale).sub_(self._shift)
@@ -312,9 +286,10 @@ class MultiCropAugmentation:
 
     def _color(self, crop: Image.Image, rng: np.random.Generator) -> Image.Image:
         """RandomApply(ColorJitter, p) then RandomGrayscale(p), as the official ``color_jittering``."""
-        if rng.random() < self.color_jitter_p:
-            crop = color_jitter(crop, rng, self.brightness, self.contrast, self.saturation, self.hue)
-        if rng.random() < self.grayscale_p:
+        c = self.crops
+        if rng.random() < c.color_jitter_p:
+            crop = color_jitter(crop, rng, c.brightness, c.contrast, c.saturation, c.hue)
+        if rng.random() < c.grayscale_p:
             crop = crop.convert("L").convert("RGB")
         return crop
 

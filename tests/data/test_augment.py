@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dinolab.configs.schema import CropsConfig
 from dinolab.data.augment import (
     BLUR_PROBABILITIES,
     MultiCropAugmentation,
@@ -24,26 +25,31 @@ from dinolab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 PLAIN = dict(color_jitter_p=0.0, grayscale_p=0.0, solarize_p=0.0)
 
 
+def _aug(*, crop_ratio=(3 / 4, 4 / 3), hflip_p=0.5, blur_kernel_size=9, **crops) -> MultiCropAugmentation:
+    """An augmentation of ``CropsConfig(**crops)`` (its defaults elsewhere) and the official fixed constants."""
+    return MultiCropAugmentation(CropsConfig(**crops), crop_ratio=crop_ratio, hflip_p=hflip_p,
+                                 blur_kernel_size=blur_kernel_size)
+
+
 def _normalised(rgb: tuple[int, int, int]) -> torch.Tensor:
     """(value / 255 - mean) / std per channel, computed directly: [3]."""
     return torch.tensor([(v / 255 - m) / s for v, m, s in zip(rgb, IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def test_official_defaults() -> None:
-    aug = MultiCropAugmentation()
-    assert (aug.global_crops_size, aug.global_crops_scale) == (224, (0.32, 1.0))
-    assert (aug.local_crops_number, aug.local_crops_size, aug.local_crops_scale) == (8, 98, (0.05, 0.32))
-    assert (aug.brightness, aug.contrast, aug.saturation, aug.hue, aug.color_jitter_p) == (0.4, 0.4, 0.2, 0.1, 0.8)
-    assert (aug.grayscale_p, aug.solarize_p, aug.solarize_threshold, aug.blur_kernel_size) == (0.2, 0.2, 128, 9)
+def test_settings_come_from_the_crops_config() -> None:
+    crops = CropsConfig()
+    aug = MultiCropAugmentation(crops)
+    assert aug.crops is crops  # no defaults of its own to drift from CropsConfig's
+    assert (aug.crop_ratio, aug.hflip_p, aug.solarize_threshold, aug.blur_kernel_size) == ((3 / 4, 4 / 3), 0.5, 128, 9)
 
 
 def test_output_shapes_and_dtypes() -> None:
     image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
-    out = MultiCropAugmentation()(image, rng=0)
+    out = _aug()(image, rng=0)
     assert [tuple(t.shape) for t in out["global_crops"]] == [(3, 224, 224)] * 2
-    assert [tuple(t.shape) for t in out["local_crops"]] == [(3, 98, 98)] * 8
+    assert [tuple(t.shape) for t in out["local_crops"]] == [(3, 96, 96)] * 8
     assert all(t.dtype == torch.float32 for t in out["global_crops"] + out["local_crops"])
-    no_local = MultiCropAugmentation(global_crops_size=32, local_crops_size=16, local_crops_number=0)
+    no_local = _aug(global_crops_size=32, local_crops_size=16, local_crops_number=0)
     small = no_local(Image.fromarray(image))
     assert [tuple(t.shape) for t in small["global_crops"]] == [(3, 32, 32)] * 2 and small["local_crops"] == []
 
@@ -51,7 +57,7 @@ def test_output_shapes_and_dtypes() -> None:
 def test_normalisation_is_imagenet_mean_std() -> None:
     rgb = (200, 100, 30)
     image = Image.new("RGB", (50, 40), rgb)
-    out = MultiCropAugmentation(global_crops_size=16, local_crops_size=8, local_crops_number=2, **PLAIN)(image, rng=1)
+    out = _aug(global_crops_size=16, local_crops_size=8, local_crops_number=2, **PLAIN)(image, rng=1)
     expected = _normalised(rgb).view(3, 1, 1)
     for crop in out["global_crops"] + out["local_crops"]:
         torch.testing.assert_close(crop, expected.expand_as(crop), atol=1e-5, rtol=0)
@@ -59,10 +65,10 @@ def test_normalisation_is_imagenet_mean_std() -> None:
 
 def test_greyscale_and_array_inputs_become_rgb() -> None:
     grey = np.full((20, 20), 90, dtype=np.uint8)
-    out = MultiCropAugmentation(global_crops_size=8, local_crops_size=4, local_crops_number=1, **PLAIN)(grey, rng=0)
+    out = _aug(global_crops_size=8, local_crops_size=4, local_crops_number=1, **PLAIN)(grey, rng=0)
     torch.testing.assert_close(out["global_crops"][0][:, 0, 0], _normalised((90, 90, 90)), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="uint8"):
-        MultiCropAugmentation()(grey.astype(np.float32))
+        _aug()(grey.astype(np.float32))
 
 
 @pytest.mark.parametrize("scale", [(0.32, 1.0), (0.05, 0.32)])
@@ -102,7 +108,7 @@ def test_solarize_matches_its_definition() -> None:
 
 @pytest.mark.parametrize("level,solarized", [(200, 55), (100, 100)])
 def test_solarize_only_on_the_second_global_crop(level: int, solarized: int) -> None:
-    aug = MultiCropAugmentation(
+    aug = _aug(
         global_crops_size=12, local_crops_size=6, local_crops_number=3, color_jitter_p=0, grayscale_p=0, solarize_p=1.0
     )
     out = aug(Image.new("RGB", (30, 30), (level,) * 3), rng=0)
@@ -115,17 +121,17 @@ def test_solarize_only_on_the_second_global_crop(level: int, solarized: int) -> 
 
 def test_blur_semantics_table() -> None:
     assert BLUR_PROBABILITIES == {"paper": (1.0, 0.1, 0.5), "official_code": (0.0, 0.9, 0.5)}
-    assert MultiCropAugmentation().blur_semantics == "official_code"
-    assert MultiCropAugmentation(blur_semantics="paper").blur_probabilities == (1.0, 0.1, 0.5)
+    assert _aug().blur_probabilities == (0.0, 0.9, 0.5)  # CropsConfig's default: "official_code"
+    assert _aug(blur_semantics="paper").blur_probabilities == (1.0, 0.1, 0.5)
     with pytest.raises(ValueError, match="official_code"):
-        MultiCropAugmentation(blur_semantics="torchvision")
+        _aug(blur_semantics="torchvision")
 
 
 @pytest.mark.parametrize("semantics", ["paper", "official_code"])
 def test_blur_frequencies_follow_the_semantics(semantics: str) -> None:
     # Crops are the whole image at its own size (no resampling), so any change is the blur.
     image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    aug = MultiCropAugmentation(
+    aug = _aug(
         global_crops_size=16, global_crops_scale=(1.0, 1.0), local_crops_size=16, local_crops_scale=(1.0, 1.0),
         local_crops_number=2, crop_ratio=(1.0, 1.0), hflip_p=0.0, blur_semantics=semantics,
         blur_sigma=(1.0, 2.0), **PLAIN,
@@ -174,7 +180,7 @@ def test_hue_rotation_direction() -> None:
 
 def test_same_seed_same_crops_different_seed_different_crops() -> None:
     image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
-    aug = MultiCropAugmentation(global_crops_size=16, local_crops_size=8, local_crops_number=2)
+    aug = _aug(global_crops_size=16, local_crops_size=8, local_crops_number=2)
     crops = lambda out: torch.cat([c.flatten() for c in out["global_crops"] + out["local_crops"]])  # noqa: E731
     assert torch.equal(crops(aug(image, rng=3)), crops(aug(image, rng=np.random.default_rng(3))))
     assert torch.equal(crops(aug(image, rng=torch.Generator().manual_seed(1))),
@@ -186,4 +192,4 @@ def test_same_seed_same_crops_different_seed_different_crops() -> None:
                                  dict(blur_kernel_size=8), dict(hflip_p=1.5)])
 def test_invalid_config_is_rejected(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
-        MultiCropAugmentation(**bad)
+        _aug(**bad)

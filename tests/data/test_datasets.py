@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dinolab.configs.schema import CropsConfig
 from dinolab.data.augment import MultiCropAugmentation
 from dinolab.data.datasets import (
     ArrayImages,
@@ -218,7 +219,7 @@ def test_builtin_name_and_none_open_the_embedded_set() -> None:
 
 def test_multicrop_dataset_seeds_by_key() -> None:
     x = np.random.default_rng(0).integers(0, 256, (3, 20, 20, 3), dtype=np.uint8)
-    aug = MultiCropAugmentation(global_crops_size=8, local_crops_size=4, local_crops_number=2)
+    aug = MultiCropAugmentation(CropsConfig(global_crops_size=8, local_crops_size=4, local_crops_number=2))
     ds = MultiCropDataset(ArrayImages(x, source="test"), aug, seed=5)
     a, b = ds[4], ds[4]
     crops = lambda out: out["global_crops"] + out["local_crops"]  # noqa: E731
