@@ -16,7 +16,6 @@ exports and prints. Signals and non-finite losses stop every rank at the same it
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -26,17 +25,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dinolab.configs.schema import Config, load_config, to_yaml
-from dinolab.data.augment import MultiCropAugmentation
-from dinolab.data.collate import collate_crops
-from dinolab.data.datasets import MultiCropDataset, open_dataset, open_labelled
-from dinolab.data.masking import MaskingGenerator
+from dinolab.data.datasets import open_dataset, open_labelled
+from dinolab.data.loader import build_loader
 from dinolab.data.samplers import InfiniteSampler
 from dinolab.distributed.checkpoint import gather_backbone, is_dcp_dir, load_dcp, load_full_state, save_dcp
 from dinolab.distributed.env import (
@@ -112,70 +107,6 @@ def schedule_config(cfg: Config, global_batch: int) -> ScheduleConfig:
         warmup_teacher_temp_iters=min(to_iters(t.warmup_teacher_temp_epochs), o.total_iters),
         freeze_last_layer_iters=to_iters(o.freeze_last_layer_epochs),
     )
-
-
-class _Keyed(Dataset):
-    """Multi-crop samples that carry their sampler key, so the collate can seed its masks by it."""
-
-    def __init__(self, inner: MultiCropDataset) -> None:
-        self.inner = inner
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, key: int):
-        return self.inner[key], key
-
-
-def _collate(items, *, seed: int, **kwargs) -> dict:
-    samples, keys = zip(*items)
-    rng = np.random.default_rng([seed, 1, int(keys[0])])  # masks: a function of the batch, not the worker
-    return collate_crops(samples, rng=rng, **kwargs)
-
-
-def build_loader(cfg: Config, images: Dataset, rank: int = 0, world_size: int = 1) -> tuple[DataLoader, InfiniteSampler]:
-    c = cfg.crops
-    aug = MultiCropAugmentation(
-        global_crops_size=c.global_crops_size,
-        global_crops_scale=tuple(c.global_crops_scale),
-        local_crops_number=c.local_crops_number,
-        local_crops_size=c.local_crops_size,
-        local_crops_scale=tuple(c.local_crops_scale),
-        blur_semantics=c.blur_semantics,
-        blur_sigma=tuple(c.blur_sigma),
-        color_jitter_p=c.color_jitter_p,
-        brightness=c.brightness,
-        contrast=c.contrast,
-        saturation=c.saturation,
-        hue=c.hue,
-        grayscale_p=c.grayscale_p,
-        solarize_p=c.solarize_p,
-    )
-    dataset = _Keyed(MultiCropDataset(images, aug, seed=cfg.train.seed))
-    sampler = InfiniteSampler(len(images), seed=cfg.train.seed, rank=rank, world_size=world_size, yield_keys=True)
-    grid = c.global_crops_size // cfg.student.patch_size
-    collate = functools.partial(
-        _collate,
-        seed=cfg.train.seed,
-        mask_ratio_min_max=tuple(cfg.ibot.mask_ratio_min_max),
-        mask_probability=0.0 if cfg.distill.enabled else cfg.ibot.mask_sample_probability,  # distillation: no masks
-        mask_generator=MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid),
-        n_tokens=grid * grid,
-    )
-    loader = DataLoader(
-        dataset,
-        # its own generator: creating the iterator (and its workers' seeds) must not draw from the global
-        # RNG, which drives drop path and is restored on resume (else a resumed run's drop-path stream shifts)
-        generator=torch.Generator().manual_seed(cfg.train.seed),
-        batch_size=cfg.train.batch_size_per_gpu,
-        sampler=sampler,
-        num_workers=cfg.train.num_workers,
-        collate_fn=collate,
-        drop_last=True,
-        persistent_workers=cfg.train.num_workers > 0,
-        prefetch_factor=4 if cfg.train.num_workers > 0 else None,
-    )
-    return loader, sampler
 
 
 def build_meta_arch(cfg: Config) -> SSLMetaArch:
