@@ -128,7 +128,7 @@ def validate_run(cfg: Config, output: str | Path) -> None:
 
     from dinolab.data.datasets import BUILTIN_PREFIX
     from dinolab.io import check_output_dir
-    from dinolab.train import loop
+    from dinolab.utils.runtime import check_compiler, resolve_device, resolve_precision
 
     check_output_dir(output, "--output")
     sources = {"distill.teacher_checkpoint": cfg.distill.teacher_checkpoint, "train.init_from": cfg.train.init_from,
@@ -147,10 +147,10 @@ def validate_run(cfg: Config, output: str | Path) -> None:
         what = f"train.batch_size_per_gpu={cfg.train.batch_size_per_gpu}" + (f" x {world} processes" if world > 1 else "")
         raise ValueError(f"{what} is larger than the {n} images of {cfg.data.path or 'the embedded digits set'}: "
                          f"set train.batch_size_per_gpu to at most {max(n // world, 1)}")
-    device = loop.resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
-    loop.resolve_precision(cfg.train.precision, device)
+    device = resolve_device(cfg.train.device)
+    resolve_precision(cfg.train.precision, device)
     if cfg.train.compile:
-        loop.check_compiler(device)
+        check_compiler(device)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -17,7 +17,6 @@ exports and prints. Signals and non-finite losses stop every rank at the same it
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import sys
@@ -45,7 +44,6 @@ from dinolab.distributed.env import (
 )
 from dinolab.distributed.fsdp import parallelize, unwrap, unwrapped_side
 from dinolab.io import atomic_write_json, atomic_write_text
-from dinolab.layers.precision import cpu_has_fast_bf16
 from dinolab.models.checkpoints import save_backbone
 from dinolab.train.checkpointer import Checkpointer, load_meta_weights, read_model_state
 from dinolab.train.host_memory import keep_freed_memory
@@ -56,6 +54,7 @@ from dinolab.train.monitor import KnnMonitor
 from dinolab.train.param_groups import ParamGroupConfig, build_param_groups
 from dinolab.train.schedules import ScheduleConfig, scale_lr, schedule_values
 from dinolab.train.step import train_step
+from dinolab.utils.runtime import check_compiler, compile_blocks, resolve_device, resolve_precision
 
 # Settings that may change between a run and its resume without changing its results.
 _RESUME_FREE = {"train.max_iters", "train.num_workers", "train.log_every", "train.device", "train.knn_every",
@@ -65,28 +64,6 @@ _RESUME_FREE = {"train.max_iters", "train.num_workers", "train.log_every", "trai
 
 
 # ------------------------------------------------------------------ setup
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto``: the GPU of this rank if there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", local_rank)
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on GPUs that support it and on CPUs that multiply bf16 natively (AVX512-BF16 / AMX), else
-    fp32 (an AVX2-only CPU emulates bf16 ~100x slower than fp32); fp16 is refused on CPU (~70x slower)."""
-    if precision == "auto":
-        on_cpu = device.type == "cpu" and cpu_has_fast_bf16()
-        ok = on_cpu or (device.type == "cuda" and torch.cuda.is_bf16_supported())
-        return "bf16" if ok else "fp32"
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("train.precision=fp16 is for GPUs only (fp16 matmuls are ~70x slower on CPU): use bf16")
-    return precision
-
-
 def schedule_config(cfg: Config, global_batch: int) -> ScheduleConfig:
     """Every schedule of ``cfg`` in iterations; the lr scaled by the global batch."""
     o, t = cfg.optim, cfg.teacher
@@ -130,24 +107,7 @@ def compile_backbones(meta: SSLMetaArch, device: torch.device | None = None) -> 
     """
     if device is not None:
         check_compiler(device)
-    for module in meta.modules():
-        if isinstance(module, DinoVisionTransformer):
-            for blk in module.blocks:
-                blk.compile(dynamic=False)
-
-
-def check_compiler(device: torch.device) -> None:
-    """``train.compile=true`` on CPU needs a C++ compiler (inductor builds C++): one line when there is none."""
-    if device.type == "cpu" and not _cpp_compiler():
-        raise ValueError("train.compile=true needs a C++ compiler on CPU (g++ or c++ on the PATH, or $CXX): "
-                         "install one, or set train.compile=false")
-
-
-def _cpp_compiler() -> str | None:
-    import shutil
-
-    return next((path for name in (os.environ.get("CXX"), "g++", "c++", "clang++") if name
-                 for path in [shutil.which(name)] if path), None)
+    compile_blocks(m for m in meta.modules() if isinstance(m, DinoVisionTransformer))
 
 
 def build_optimizer(meta: SSLMetaArch, cfg: Config) -> torch.optim.AdamW:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -10,14 +9,7 @@ import torch
 from dinolab.train.meta_arch import SSLMetaArch
 from dinolab.train.param_groups import apply_schedule
 from dinolab.train.schedules import ScheduleValues
-
-
-def autocast_context(device: torch.device, precision: str):
-    """bf16/fp16 autocast for the forward passes; fp32 runs without one."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+from dinolab.utils.runtime import autocast_context
 
 
 def check_finite(losses: dict[str, torch.Tensor], iteration: int) -> None:

@@ -14,6 +14,7 @@ from dinolab.models import build_backbone
 from dinolab.train import loop as loop_module
 from dinolab.train.loop import train
 from dinolab.train.meta_arch import SSLMetaArch
+from dinolab.utils import runtime
 from tiny_run import TINY_RUN
 
 TINY = [*TINY_RUN, "optim.epochs=2"]
@@ -174,7 +175,7 @@ def test_execution_options_give_the_same_losses(data, tmp_path, option):
 
 
 def test_compile_without_a_cpp_compiler_is_one_clear_error(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop_module, "_cpp_compiler", lambda: None)
+    monkeypatch.setattr(runtime, "cpp_compiler", lambda: None)
     with pytest.raises(ValueError, match="C\\+\\+ compiler"):
         train(tiny_cfg(data, "train.compile=true", "train.max_iters=1"), tmp_path / "r", progress=False)
 
@@ -237,18 +238,16 @@ def test_written_files_follow_the_umask(data, tmp_path):
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch, native):
     # an AVX2-only CPU emulates bf16 matmuls (measured 0.9 vs 102 GFLOP/s fp32): auto must not pick it there
-    monkeypatch.setattr(loop_module, "cpu_has_fast_bf16", lambda: native)
-    assert loop_module.resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
-    assert loop_module.resolve_precision("bf16", torch.device("cpu")) == "bf16"  # asked for: kept
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: native)
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+    assert runtime.resolve_precision("bf16", torch.device("cpu")) == "bf16"  # asked for: kept
 
 
 def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
-    from dinolab.layers import precision
-
     for flags, expected in (("fpu avx2 avx512f", False), ("fpu avx2 avx512f avx512_bf16", True), ("amx_bf16", True)):
         info = tmp_path / "cpuinfo"
         info.write_text(f"processor : 0\nflags : {flags}\n")
-        monkeypatch.setattr(precision, "Path", lambda _p, info=info: info)
-        precision.cpu_has_fast_bf16.cache_clear()
-        assert precision.cpu_has_fast_bf16() is expected, flags
-    precision.cpu_has_fast_bf16.cache_clear()
+        monkeypatch.setattr(runtime, "Path", lambda _p, info=info: info)
+        runtime.cpu_has_fast_bf16.cache_clear()
+        assert runtime.cpu_has_fast_bf16() is expected, flags
+    runtime.cpu_has_fast_bf16.cache_clear()
