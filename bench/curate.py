@@ -157,7 +157,8 @@ def _rank_entry(rank: int, world_size: int, port: int, folder: str, cfg_kwargs: 
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo")
     cfg = CurateConfig(chunk_rows=cfg_kwargs["chunk"])
-    cfg.index = IndexConfig(kind=cfg_kwargs["index"], nprobe=cfg_kwargs["nprobe"], use_gpu=False)
+    cfg.index = IndexConfig(kind=cfg_kwargs["index"], nlist=cfg_kwargs["nlist"], nprobe=cfg_kwargs["nprobe"],
+                            use_gpu=False)
     cfg.dedup = DedupConfig(k=cfg_kwargs["k"])
     cfg.kmeans = KMeansConfig(n_clusters=cfg_kwargs["kmeans_k"], n_iter=cfg_kwargs["kmeans_iter"], use_gpu=False)
     cfg.retrieve = RetrieveConfig(cluster_below=cfg_kwargs["seed_small"] + 1, per_cluster=1000, cap=200_000)
@@ -186,7 +187,7 @@ def bench_ranks(args: argparse.Namespace) -> int:
         np.save(root / "large.npy", _noisy(rng, x[rng.choice(args.rows, args.seed_large, replace=False)], 0.8))
         np.save(root / "small.npy", _noisy(rng, x[rng.choice(args.rows, args.seed_small, replace=False)], 0.8))
         del x
-        cfg_kwargs = {k: getattr(args, k) for k in ("chunk", "index", "nprobe", "k", "kmeans_k", "kmeans_iter",
+        cfg_kwargs = {k: getattr(args, k) for k in ("chunk", "index", "nlist", "nprobe", "k", "kmeans_k", "kmeans_iter",
                                                      "seed_small")}
         for world_size in counts:
             with socket.socket() as sock:

@@ -55,6 +55,56 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
+def world_size() -> int:
+    return torch.distributed.get_world_size() if initialised() else 1
+
+
+def _padded(x: np.ndarray, length: int) -> torch.Tensor:
+    """``x`` [n, ...] as a tensor of ``length`` rows (zero rows appended) on the collective's device."""
+    out = np.zeros((length, *x.shape[1:]), x.dtype)
+    out[: len(x)] = x
+    return torch.from_numpy(out).to(_device())
+
+
+def all_gather_rows(x: np.ndarray, counts: list[int] | None = None) -> list[np.ndarray]:
+    """Every rank's ``x`` [n_r, ...] (same trailing shape and dtype everywhere) on every rank, as arrays.
+
+    A tensor collective (no pickling): memory is W x max(n_r) rows. ``counts`` (every rank's n_r) saves
+    one small collective where the caller knows them.
+    """
+    if world_size() == 1:
+        return [x]
+    counts = counts if counts is not None else all_gather(len(x))
+    sent = _padded(x, max(counts))
+    out = [torch.empty_like(sent) for _ in counts]
+    torch.distributed.all_gather(out, sent)
+    return [t.cpu().numpy()[:n] for t, n in zip(out, counts, strict=True)]
+
+
+def gather_rows(x: np.ndarray, dst: int, length: int) -> list[np.ndarray] | None:
+    """Every rank's ``x`` [length, ...] on rank ``dst`` (a list over ranks); ``None`` on the others."""
+    if world_size() == 1:
+        return [x]
+    sent = _padded(x, length)
+    out = [torch.empty_like(sent) for _ in range(world_size())] if dist_env()[0] == dst else None
+    torch.distributed.gather(sent, out, dst=dst)
+    return None if out is None else [t.cpu().numpy() for t in out]
+
+
+def to_root(x: np.ndarray | None, owner: int, shape: tuple[int, ...], dtype: type) -> np.ndarray | None:
+    """Rank ``owner``'s array ``x`` (of ``shape`` and ``dtype``) on rank 0, ``None`` elsewhere (point to point)."""
+    rank = dist_env()[0] if initialised() else 0
+    if owner == 0 or not initialised():
+        return x if rank == 0 else None
+    if rank == owner:
+        torch.distributed.send(torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)).to(_device()), dst=0)
+    elif rank == 0:
+        buffer = torch.from_numpy(np.empty(shape, dtype)).to(_device())
+        torch.distributed.recv(buffer, src=owner)
+        return buffer.cpu().numpy()
+    return None
+
+
 def all_reduce_sum(x: np.ndarray) -> np.ndarray:
     """Element-wise sum over ranks of an int64 or float array (exact for integers)."""
     if not initialised():

@@ -47,7 +47,8 @@ class IndexConfig:
         pq_m: PQ sub-quantisers (bytes per vector); must divide D.
         pq_nbits: bits per PQ code.
         train_size: vectors used to train IVF/PQ; 0 picks ``64 * nlist`` (at most N).
-        search_batch: queries per Faiss call (bounds the [batch, k] result buffers).
+        search_batch: queries per Faiss call (bounds the [batch, k] result buffers; under torchrun, the
+            queries each rank sends per round of a sharded search).
         use_gpu: move the index to GPUs when faiss has GPU support.
         seed: sampling seed for the training vectors.
     """
@@ -60,7 +61,7 @@ class IndexConfig:
     pq_m: int = 32
     pq_nbits: int = 8
     train_size: int = 0
-    search_batch: int = 16384
+    search_batch: int = 4096
     use_gpu: bool = True
     seed: int = 0
 

@@ -2,14 +2,16 @@
 
 Under ``torchrun`` with W ranks, rank r fills its index with the selected rows of chunks
 ``r, r + W, ...`` only, so each rank holds about 1/W of the index. The IVF cells (if any) are trained
-once, on rank 0, and sent to all ranks, so every shard uses the same coarse quantizer and a query
-probes the same cells in every shard: the union of the shards' top-k is the top-k of one index over
-all rows (exact for ``flat``, the same approximation as one index for IVF kinds).
+once, on rank 0 (each rank sends it the training rows of its own chunks), and sent to all ranks, so
+every shard uses the same coarse quantizer and a query probes the same cells in every shard: the union
+of the shards' top-k is the top-k of one index over all rows (exact for ``flat``, the same approximation
+as one index for IVF kinds).
 
 :func:`ShardedIndex.search` is collective: every rank calls it with its own queries (possibly none);
-the queries of all ranks are gathered, each rank searches them in its shard, and the results come back
-to their rank and are merged with :func:`~dinolab.curate.collective.merge_topk`.
-Memory per rank: its index shard, plus W ranks' queries and their ``[Q, k]`` results for one call.
+block by block (``search_batch`` queries per rank), the queries of all ranks are gathered, each rank
+searches them in its shard, and the results go back to their rank and are merged with
+:func:`~dinolab.curate.collective.merge_topk`. Memory per rank: its index shard, plus W blocks of queries
+and their ``[block, k]`` results; on rank 0, while training, the training rows.
 """
 
 from __future__ import annotations
@@ -26,14 +28,37 @@ def train_once(store: EmbeddingStore, cfg: IndexConfig, rows: np.ndarray, traine
     """An empty trained index for ``rows`` (rank 0 trains, every rank receives it)."""
     if trained is not None:
         return faiss.clone_index(trained)
-    blob = None
-    if collective.dist_env()[0] == 0:
-        index = make_index(store.dim, len(rows), cfg)
-        if not index.is_trained:
-            nlist = cfg.resolved_nlist(len(rows))
-            index.train(store.gather(_sample_rows(rows, cfg.train_size or 64 * nlist, cfg.seed)))
-        blob = faiss.serialize_index(index)
+    index = make_index(store.dim, len(rows), cfg)
+    if not index.is_trained:
+        nlist = cfg.resolved_nlist(len(rows))
+        sample = gather_to_root(store, _sample_rows(rows, cfg.train_size or 64 * nlist, cfg.seed))
+        if sample is not None:
+            index.train(sample)
+    blob = faiss.serialize_index(index) if collective.dist_env()[0] == 0 else None
     return faiss.deserialize_index(collective.broadcast(blob))
+
+
+def gather_to_root(store: EmbeddingStore, rows: np.ndarray) -> np.ndarray | None:
+    """Embeddings of the sorted ``rows`` [M, D] on rank 0 (``None`` elsewhere).
+
+    Each rank reads only its own chunks and sends their selected rows to rank 0 chunk by chunk, so no
+    rank touches the whole pool and rank 0 holds the result plus one chunk's part.
+    """
+    rank, world = collective.dist_env()
+    offsets = store.chunk_offsets()
+    out = np.empty((len(rows), store.dim), np.float32) if rank == 0 else None
+    for chunk in range(store.num_chunks()):
+        lo, hi = np.searchsorted(rows, offsets[chunk : chunk + 2])
+        if hi == lo:
+            continue
+        owner, part = chunk % world, None
+        if rank == owner:
+            start, emb = store.chunk(chunk)
+            part = emb[rows[lo:hi] - start]
+        part = collective.to_root(part, owner, (int(hi - lo), store.dim), np.float32)
+        if out is not None:
+            out[lo:hi] = part
+    return out
 
 
 class ShardedIndex:
@@ -65,16 +90,29 @@ class ShardedIndex:
         self.dim = store.dim
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Collective k-NN search of this rank's ``queries`` [Q, D] over every shard -> sims, rows [Q, k]."""
+        """Collective k-NN search of this rank's ``queries`` [Q, D] over every shard -> sims, rows [Q, k].
+
+        In blocks of ``search_batch`` queries per rank: each round gathers every rank's block (a tensor
+        all-gather), answers all of them from this shard, and sends each rank the answers to its block
+        (one gather per rank), so memory is W blocks of queries and answers, whatever Q.
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        if not collective.initialised():
+        if collective.world_size() == 1:
             sims, rows = self.local.search(queries, k)
             return collective.merge_topk([sims], [rows], k)
-        asked = collective.all_gather(queries)
-        answers = [self.local.search(q, k) if len(q) else None for q in asked]
-        received = collective.all_gather(answers)  # received[s][r]: shard s's answer to rank r
-        mine = [per_shard[collective.dist_env()[0]] for per_shard in received]
-        mine = [a for a in mine if a is not None]
-        if not mine:
-            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        return collective.merge_topk([s for s, _ in mine], [r for _, r in mine], k)
+        batch = self.local.search_batch
+        counts = collective.all_gather(len(queries))
+        rank = collective.dist_env()[0]
+        found_sims, found_rows = [np.zeros((0, k), np.float32)], [np.zeros((0, k), np.int64)]
+        for start in range(0, max(counts), batch):
+            sizes = [min(batch, max(0, n - start)) for n in counts]
+            asked = collective.all_gather_rows(queries[start : start + batch], sizes)
+            answers = [self.local.search(q, k) for q in asked]
+            for dst, size in enumerate(sizes):
+                sims = collective.gather_rows(answers[dst][0], dst, size)
+                rows = collective.gather_rows(answers[dst][1], dst, size)
+                if dst == rank and size:
+                    merged = collective.merge_topk(sims, rows, k)
+                    found_sims.append(merged[0])
+                    found_rows.append(merged[1])
+        return np.concatenate(found_sims), np.concatenate(found_rows)

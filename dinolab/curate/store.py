@@ -50,6 +50,10 @@ class EmbeddingStore:
         """``(first_row, embeddings [n, D])`` of chunk ``index`` (the resumable unit of work)."""
         raise NotImplementedError
 
+    def chunk_offsets(self) -> np.ndarray:
+        """[num_chunks + 1] int64: chunk i holds rows ``offsets[i] .. offsets[i + 1] - 1`` (read nothing)."""
+        raise NotImplementedError
+
     def paths(self, rows: np.ndarray) -> list[str] | None:
         """Image path of each row, or ``None`` if the pool has no paths (bare embeddings file)."""
         raise NotImplementedError
@@ -92,6 +96,9 @@ class ArrayEmbeddings(EmbeddingStore):
     def num_chunks(self) -> int:
         return -(-self.num_rows // self.chunk_rows)
 
+    def chunk_offsets(self) -> np.ndarray:
+        return np.minimum(np.arange(self.num_chunks() + 1, dtype=np.int64) * self.chunk_rows, self.num_rows)
+
     def chunk(self, index: int) -> tuple[int, np.ndarray]:
         start = index * self.chunk_rows
         return start, l2_normalize(self.array[start : start + self.chunk_rows])
@@ -126,6 +133,9 @@ class ShardedEmbeddings(EmbeddingStore):
 
     def num_chunks(self) -> int:
         return len(self.shard_files)
+
+    def chunk_offsets(self) -> np.ndarray:
+        return self.offsets.astype(np.int64)
 
     def _load(self, index: int) -> np.lib.npyio.NpzFile:
         return np.load(self.shard_files[index], allow_pickle=False)
@@ -188,11 +198,3 @@ def load_precomputed(path: str | Path, chunk_rows: int = 65536) -> ArrayEmbeddin
 def is_precomputed(path: str | Path) -> bool:
     """True if ``path`` names a precomputed embeddings file (by suffix)."""
     return Path(path).suffix.lower() in PRECOMPUTED_SUFFIXES
-
-
-def open_embeddings(path: str | Path, chunk_rows: int = 65536) -> EmbeddingStore:
-    """A finished embeddings folder (``manifest.json``) or a precomputed embeddings file."""
-    path = Path(path)
-    if path.is_dir() and (path / EMBED_MANIFEST).exists():
-        return ShardedEmbeddings(path)
-    return load_precomputed(path, chunk_rows=chunk_rows)

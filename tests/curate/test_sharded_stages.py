@@ -45,10 +45,12 @@ def _inputs(folder: Path) -> dict:
             "eval_sets": {"val": folder / "eval.npy"}}
 
 
-def _config() -> CurateConfig:
+def _config(index: str = "flat") -> CurateConfig:
     cfg = CurateConfig(chunk_rows=64)  # 350 rows: 6 chunks, strided 3 + 3 over 2 ranks
     cfg.dedup.k = 8
-    cfg.index.kind = "flat"
+    cfg.index.kind = index
+    if index == "ivf":  # IVF cells trained on rows sent by both ranks; searches in rounds of 16 queries
+        cfg.index.nlist, cfg.index.nprobe, cfg.index.search_batch = 6, 2, 16
     cfg.kmeans.n_clusters = 6
     cfg.kmeans.n_iter = 5
     cfg.kmeans.max_points_per_centroid = 30  # a 180-row sample spread over the chunks of both ranks
@@ -59,7 +61,7 @@ def _config() -> CurateConfig:
     return cfg
 
 
-def _curate(rank: int, folder: str, out: str, fail_after_first_dedup_shard: bool) -> None:
+def _curate(rank: int, folder: str, out: str, fail_after_first_dedup_shard: bool, index: str = "flat") -> None:
     torch.distributed.init_process_group("gloo")
     try:
         if fail_after_first_dedup_shard and rank == 1:
@@ -72,7 +74,7 @@ def _curate(rank: int, folder: str, out: str, fail_after_first_dedup_shard: bool
 
             Stage.write_shard = write_then_die
         inputs = _inputs(Path(folder))
-        run_curation(inputs["pool"], inputs["seeds"], out, _config(), eval_sets=inputs["eval_sets"])
+        run_curation(inputs["pool"], inputs["seeds"], out, _config(index), eval_sets=inputs["eval_sets"])
     finally:
         torch.distributed.destroy_process_group()
 
@@ -89,14 +91,18 @@ def _outputs(out: Path) -> dict[str, bytes]:
     return found
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> dict[str, bytes]:
-    folder = tmp_path_factory.mktemp("one")
+def _one_process(folder: Path, index: str) -> dict[str, bytes]:
     inputs = _inputs(folder)
-    counts = run_curation(inputs["pool"], inputs["seeds"], folder / "out", _config(), eval_sets=inputs["eval_sets"])
+    counts = run_curation(inputs["pool"], inputs["seeds"], folder / "out", _config(index),
+                          eval_sets=inputs["eval_sets"])
     assert counts["self_dedup"]["num_duplicate_components"] >= 25 and counts["retrieve"]["few"]["method"] == "cluster"
     assert counts["curated"] > 0
     return _outputs(folder / "out")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict[str, bytes]:
+    return _one_process(tmp_path_factory.mktemp("one"), "flat")
 
 
 def test_two_ranks_give_the_same_bytes_as_one_process(tmp_path, one_process):
@@ -114,3 +120,11 @@ def test_a_rank_killed_mid_dedup_restarts_and_finishes_the_same(tmp_path, one_pr
     run_ranks(_curate, 2, str(tmp_path), str(tmp_path / "out"), False)
     two = _outputs(tmp_path / "out")
     assert [name for name in one_process if one_process[name] != two[name]] == []
+
+
+def test_two_ranks_with_an_ivf_index_and_searches_in_rounds_give_the_same_bytes(tmp_path):
+    (tmp_path / "one").mkdir()
+    one = _one_process(tmp_path / "one", "ivf")
+    run_ranks(_curate, 2, str(tmp_path), str(tmp_path / "out"), False, "ivf")
+    two = _outputs(tmp_path / "out")
+    assert [name for name in one if one[name] != two[name]] == []
