@@ -37,9 +37,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args`` where ``key=value`` config overrides may stand anywhere on the line.
+
+    argparse gives a ``nargs="*"`` positional only the items of one run, so ``dinolab eval knn --data D ks=[1]``
+    would leave ``ks=[1]`` unrecognised: such items are appended to the command's ``overrides`` in order.
+    ``--`` before them is the old curate spelling: it still works, with a one-line deprecation note.
+    """
+    from dinolab.configs.merge import looks_like_override
+
+    args, extra = parser.parse_known_args(argv)
+    if extra and not (hasattr(args, "overrides") and all(looks_like_override(e) for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    after_dashes = argv[argv.index("--") + 1:] if "--" in argv else []
+    if hasattr(args, "overrides") and after_dashes and all(looks_like_override(a) for a in after_dashes):
+        print(f"note: '--' before overrides is deprecated and no longer needed: write them anywhere, e.g. "
+              f"dinolab {args.command} ... {after_dashes[0]}", file=sys.stderr)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, sys.argv[1:] if argv is None else list(argv))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -12,23 +12,46 @@ configs, so a preset reads like the paper's tables.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import OmegaConf
 
-PRESET_DIR = Path(__file__).parent / "presets"
-# deltas over a run's saved config (``highres``: applied by ``dinolab train --high-res CKPT``), not presets
-DELTA_DIR = Path(__file__).parent / "deltas"
+# the preset helpers are imported here too, for the callers that import them from the schema
+from dinolab.configs.merge import (  # noqa: F401
+    DELTA_DIR,
+    PRESET_DIR,
+    check_finite,
+    load_yaml,
+    merge,
+    preset_layers,
+    preset_names,
+)
 
 
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
+
+
+# Every field whose value is one of a few names, with those names: the one place they are listed.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "student.drop_path_mode": ("efficient", "mask"),
+    "student.ffn_layer": ("mlp", "swiglu", "swiglufused"),
+    "teacher.centering": ("sinkhorn_knopp", "softmax"),
+    "optim.scaling_rule": ("sqrt_wrt_1024", "none"),
+    "crops.blur_semantics": ("official_code", "paper"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "train.distributed": ("fsdp", "ddp"),
+    "adapt.anchor_tokens": ("cls", "patch", "cls+patch"),
+}
+
+
+def _check_choice(key: str, value: str) -> None:
+    """``value`` is one of ``CHOICES[key]``, else a ValueError naming every accepted value."""
+    names = [repr(c) for c in CHOICES[key]]
+    accepted = f"{', '.join(names[:-1])} or {names[-1]}"
+    _check(value in CHOICES[key], f"{key} must be {accepted}, got {value!r}")
 
 
 def _check_range(name: str, pair: list[float], lo: float, hi: float) -> None:
@@ -47,7 +70,7 @@ class StudentConfig:
     drop_path_rate: float = 0.3
     drop_path_mode: str = "efficient"  # "efficient" (paper §5: skip dropped samples) or "mask"
     layerscale: float = 1e-5
-    ffn_layer: str = "mlp"  # "mlp" or "swiglufused"
+    ffn_layer: str = "mlp"  # "mlp", "swiglu" or "swiglufused" (the same SwiGLU FFN, the official names)
     num_register_tokens: int = 0
     pretrained_weights: str | None = None  # initialise the student (and teacher) backbone from a file
     img_size: int | None = None  # position grid in pixels; None: crops.global_crops_size (--adapt: the weights' grid)
@@ -55,8 +78,8 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.drop_path_rate < 1.0, f"student.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-        _check(self.drop_path_mode in ("efficient", "mask"), f"student.drop_path_mode must be 'efficient' or 'mask', got {self.drop_path_mode!r}")
-        _check(self.ffn_layer in ("mlp", "swiglu", "swiglufused"), f"student.ffn_layer must be mlp or swiglufused, got {self.ffn_layer!r}")
+        _check_choice("student.drop_path_mode", self.drop_path_mode)
+        _check_choice("student.ffn_layer", self.ffn_layer)
         _check(self.patch_size > 0, f"student.patch_size must be positive, got {self.patch_size}")
 
 
@@ -104,7 +127,7 @@ class TeacherConfig:
     student_temp: float = 0.1
 
     def __post_init__(self) -> None:
-        _check(self.centering in ("sinkhorn_knopp", "softmax"), f"teacher.centering must be 'sinkhorn_knopp' or 'softmax', got {self.centering!r}")
+        _check_choice("teacher.centering", self.centering)
         _check(0.0 <= self.momentum_teacher <= self.final_momentum_teacher <= 1.0,
                f"need 0 <= teacher.momentum_teacher <= final_momentum_teacher <= 1, got {self.momentum_teacher}, {self.final_momentum_teacher}")
         _check(min(self.teacher_temp, self.warmup_teacher_temp, self.student_temp) > 0, "temperatures must be positive")
@@ -135,7 +158,7 @@ class OptimConfig:
         _check(self.epochs > 0 and self.epoch_length > 0, f"optim.epochs and optim.epoch_length must be positive, got {self.epochs}, {self.epoch_length}")
         _check(0 <= self.warmup_epochs <= self.epochs, f"optim.warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
         _check(self.base_lr > 0 and self.min_lr >= 0, f"optim.base_lr must be > 0 and min_lr >= 0, got {self.base_lr}, {self.min_lr}")
-        _check(self.scaling_rule in ("sqrt_wrt_1024", "none"), f"optim.scaling_rule must be 'sqrt_wrt_1024' or 'none', got {self.scaling_rule!r}")
+        _check_choice("optim.scaling_rule", self.scaling_rule)
         _check(0 < self.layerwise_decay <= 1, f"optim.layerwise_decay must be in (0, 1], got {self.layerwise_decay}")
         _check(self.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 disables), got {self.clip_grad}")
         _check(self.compress_to_iters is None or self.compress_to_iters > 0,
@@ -183,7 +206,7 @@ class CropsConfig:
         for name in ("brightness", "contrast", "saturation"):
             _check(getattr(self, name) >= 0.0, f"crops.{name} must be >= 0, got {getattr(self, name)}")
         _check(0.0 <= self.hue <= 0.5, f"crops.hue must be in [0, 0.5], got {self.hue}")
-        _check(self.blur_semantics in ("official_code", "paper"), f"crops.blur_semantics must be 'official_code' or 'paper', got {self.blur_semantics!r}")
+        _check_choice("crops.blur_semantics", self.blur_semantics)
 
 
 @dataclass
@@ -222,11 +245,10 @@ class TrainConfig:
 
         check_names(self.loggers)
         _check(self.batch_size_per_gpu > 0, f"train.batch_size_per_gpu must be positive, got {self.batch_size_per_gpu}")
-        _check(self.precision in ("auto", "bf16", "fp16", "fp32"), f"train.precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        _check_choice("train.precision", self.precision)
         _check(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
         _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
-        _check(self.distributed in ("fsdp", "ddp"),
-               f"train.distributed must be 'fsdp' or 'ddp', got {self.distributed!r}")
+        _check_choice("train.distributed", self.distributed)
 
 
 @dataclass
@@ -245,8 +267,7 @@ class AdaptConfig:
         _check(0.0 <= self.head_warmup_fraction < 1.0,
                f"adapt.head_warmup_fraction must be in [0, 1), got {self.head_warmup_fraction}")
         _check(self.anchor_weight >= 0.0, f"adapt.anchor_weight must be >= 0, got {self.anchor_weight}")
-        _check(self.anchor_tokens in ("cls", "patch", "cls+patch"),
-               f"adapt.anchor_tokens must be cls, patch or cls+patch, got {self.anchor_tokens!r}")
+        _check_choice("adapt.anchor_tokens", self.anchor_tokens)
 
     @property
     def enabled(self) -> bool:
@@ -295,17 +316,13 @@ class Config:
                    "adapt.weights needs student.pretrained_weights (dinolab train --adapt sets both)")
 
 
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None) -> Config:
     """Defaults <- preset YAML (a name or a path) <- ``base`` dict <- ``key=value`` overrides -> Config.
 
     Raises:
         ValueError: unknown preset, unknown key, malformed override or invalid value (one line).
     """
-    return _merge([preset] if preset else [], overrides, base)
+    return _load([preset] if preset else [], overrides, base)
 
 
 def load_run_config(run_config: str | Path, preset: str, overrides: list[str] | tuple[str, ...] = (),
@@ -322,95 +339,12 @@ def load_run_config(run_config: str | Path, preset: str, overrides: list[str] | 
     if not Path(run_config).is_file():
         raise FileNotFoundError(f"run config {run_config} does not exist")
     delta = DELTA_DIR / f"{preset}.yaml"
-    return _merge([str(run_config), str(delta) if delta.is_file() else preset], overrides, base)
+    return _load([str(run_config), str(delta) if delta.is_file() else preset], overrides, base)
 
 
-def _preset_path(preset: str) -> Path:
-    path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
-    if not path.is_file() and (DELTA_DIR / f"{preset}.yaml").is_file():
-        raise ValueError(f"{preset!r} is not a preset but deltas applied over a run's own config: "
-                         f"use dinolab train --high-res RUN/checkpoints/ckpt_*.pth")
-    if not path.is_file():
-        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(preset_names())} or a .yaml path")
-    return path
-
-
-def _preset_layers(preset: str, seen: tuple[str, ...] = ()) -> list:
-    """A preset's YAML, preceded by the preset it names as ``inherit:`` (deltas over deltas)."""
-    if preset in seen:
-        raise ValueError(f"preset {preset!r} inherits from itself ({' -> '.join(seen + (preset,))})")
-    node = load_yaml(_preset_path(preset))
-    parent = node.pop("inherit", None)
-    return (_preset_layers(str(parent), seen + (preset,)) if parent else []) + [node]
-
-
-def load_yaml(path: str | Path) -> DictConfig:
-    """A YAML config file as an OmegaConf node: plain YAML only (no ``!!python/...`` tags).
-
-    Raises:
-        ValueError: the file is not valid YAML, holds a tag that would construct a Python object,
-            or is not a mapping (one line naming the file).
-    """
-    path = Path(path)
-    try:
-        node = OmegaConf.load(path)
-    except yaml.constructor.ConstructorError as err:
-        tag = _tag_of(err)
-        where = f" (line {err.problem_mark.line + 1})" if err.problem_mark is not None else ""
-        raise ValueError(f"{path}{where}: YAML tag {tag} is not allowed: configs hold plain values "
-                         "(numbers, strings, lists, mappings), never Python objects") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ValueError(f"{path}{where}: not valid YAML: {problem}") from None
-    except OmegaConfBaseException as err:
-        raise ValueError(f"{path}: {str(err).splitlines()[0]}") from None
-    if not isinstance(node, DictConfig):
-        raise ValueError(f"{path}: expected a mapping of config keys, got a {type(node).__name__}")
-    return node
-
-
-def _tag_of(err: Any) -> str:
-    """``'tag:yaml.org,2002:python/object/apply:os.system'`` -> ``!!python/object/apply:os.system``."""
-    text = str(getattr(err, "problem", "") or err)
-    start = text.find("'")
-    tag = text[start + 1 : text.find("'", start + 1)] if start >= 0 else text
-    return tag.replace("tag:yaml.org,2002:", "!!")
-
-
-def check_finite(node: Any, key: str = "") -> None:
-    """Refuse ``inf`` / ``nan`` anywhere in a config (every float field, list items included).
-
-    Raises:
-        ValueError: naming the first non-finite key, e.g. ``optim.base_lr must be a finite number, got inf``.
-    """
-    if isinstance(node, float) and not math.isfinite(node):
-        raise ValueError(f"{key} must be a finite number, got {node}")
-    if isinstance(node, dict):
-        for k, v in node.items():
-            check_finite(v, f"{key}.{k}" if key else str(k))
-    elif isinstance(node, (list, tuple)):
-        for i, v in enumerate(node):
-            check_finite(v, f"{key}[{i}]")
-
-
-def _merge(presets: list[str], overrides: list[str] | tuple[str, ...], base: dict | None) -> Config:
-    cfg = OmegaConf.structured(Config)
-    layers = [layer for p in presets for layer in _preset_layers(p)]
-    if base:
-        layers.append(OmegaConf.create(base))
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. optim.base_lr=1e-3)")
-    try:
-        if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(cfg, *layers)
-        check_finite(OmegaConf.to_container(merged, resolve=True))
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ValueError(f"invalid config: {str(err).splitlines()[0]}") from None
+def _load(presets: list[str], overrides: list[str] | tuple[str, ...], base: dict | None) -> Config:
+    layers = [layer for p in presets for layer in preset_layers(p)] + ([OmegaConf.create(base)] if base else [])
+    return merge(Config, layers, overrides, context="invalid config", check=check_finite)
 
 
 def to_yaml(cfg: Config) -> str:

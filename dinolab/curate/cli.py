@@ -4,12 +4,13 @@ Example::
 
     dinolab curate --pool /data/raw --seeds in1k=/data/imagenet/train gldv2=/data/gld.npy \\
         --eval-sets in1k-val=/data/imagenet/val --out runs/curated --arch vitl14 --weights vitl14.pth \\
-        -- dedup.threshold=0.6 kmeans.n_clusters=100000 retrieve.cap=1000000
+        dedup.threshold=0.6 kmeans.n_clusters=100000 retrieve.cap=1000000
 
-``key=value`` overrides (any field of :class:`~dinolab.curate.pipeline.CurateConfig`, dotted) go
-at the end; items after ``--seeds`` / ``--eval-sets`` whose key is a configuration field are
-overrides too. The same command resumes a killed run; under ``torchrun`` every rank embeds its
-share of the shards.
+``key=value`` overrides (any field of :class:`~dinolab.curate.pipeline.CurateConfig`, dotted; the syntax
+of :mod:`dinolab.configs.merge`) go anywhere on the line: items after ``--seeds`` / ``--eval-sets``
+whose key is a configuration field are told apart from ``NAME=PATH`` by that key (``-- key=value``
+still works, with a deprecation note). The same command resumes a killed run; under ``torchrun`` every
+rank embeds its share of the shards.
 """
 
 from __future__ import annotations
@@ -20,16 +21,14 @@ import json
 import os
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from dinolab.configs.merge import is_field_override, merge
 from dinolab.curate.pipeline import CurateConfig, run_curation
 
 
 def is_override(item: str) -> bool:
     """True if ``item`` is ``key=value`` with ``key`` a (dotted) :class:`CurateConfig` field."""
-    key, sep, _ = item.partition("=")
-    return bool(sep) and key.split(".")[0] in CurateConfig.__dataclass_fields__
+    return is_field_override(item, CurateConfig)
 
 
 def parse_named(items: list[str] | None, option: str) -> tuple[dict[str, str], list[str]]:
@@ -70,7 +69,6 @@ def _model_flags(args: argparse.Namespace) -> dict:
 
 def build_config(args: argparse.Namespace, extra_overrides: list[str] | None = None) -> CurateConfig:
     """:class:`CurateConfig` from defaults, ``--arch``/``--weights``/flags, then ``key=value`` overrides."""
-    base = OmegaConf.structured(CurateConfig)
     flags = {"arch": args.arch, "weights": args.weights, **_model_flags(args)}
     if args.recompute:
         flags["on_change"] = "recompute"
@@ -78,15 +76,8 @@ def build_config(args: argparse.Namespace, extra_overrides: list[str] | None = N
         flags["strict"] = True
     if args.hierarchical:
         flags["hierarchical_sample"] = True
-    try:
-        merged = OmegaConf.merge(
-            base,
-            {k: v for k, v in flags.items() if v is not None},
-            OmegaConf.from_dotlist(list(args.overrides) + list(extra_overrides or [])),
-        )
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ValueError(f"bad override: {str(err).splitlines()[0]}") from None
+    overrides = list(args.overrides) + list(extra_overrides or [])
+    return merge(CurateConfig, [{k: v for k, v in flags.items() if v is not None}], overrides, context="bad override")
 
 
 def check_sources(sources: dict[str, str]) -> None:

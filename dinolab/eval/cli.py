@@ -1,15 +1,16 @@
 """``dinolab eval PROTOCOL``: frozen-feature evaluation of a backbone, one library call per protocol.
 
     dinolab eval knn --arch vits14 --weights dinov2_vits14_pretrain.pth --data ../shared/data/cifar10/cifar10.npz
-    dinolab eval linear --run runs/my_run --data imagenette.npz --out results.json --set iterations=2000
-    dinolab eval segmentation --arch vits14 --data camvid.npz --set n_last_blocks=4 test_scales=[0.75,1.0,1.25]
+    dinolab eval linear --run runs/my_run --data imagenette.npz --out results.json iterations=2000
+    dinolab eval segmentation --arch vits14 --data camvid.npz n_last_blocks=4 test_scales=[0.75,1.0,1.25]
     dinolab eval retrieval --arch vits14 --data imagenette.npz      # builds the constructed set
-    dinolab eval depth --arch vits14 --data depth_samples.npz --set head=lin4
+    dinolab eval depth --arch vits14 --data depth_samples.npz head=lin4
 
-``--set key=value ...`` overrides fields of the protocol's config dataclass (``features.*`` for
-extraction); see each protocol module (``dinolab.eval.knn`` ...) for the fields and the metric
-names. Without ``--out`` the metrics are printed as JSON; with it, ``results.json`` and a Markdown
-report with pictures are written (:mod:`dinolab.eval.report`).
+``key=value`` arguments (:mod:`dinolab.configs.merge`; ``--set key=value`` is the deprecated spelling)
+override fields of the protocol's config dataclass (``features.*`` for extraction); see each protocol
+module (``dinolab.eval.knn`` ...) for the fields and the metric names. Without ``--out`` the metrics are
+printed as JSON; with it, ``results.json`` and a Markdown report with pictures are written
+(:mod:`dinolab.eval.report`).
 
 From a notebook: ``evaluate("knn", model, "cifar10.npz", KnnConfig())`` does what the command does.
 """
@@ -25,8 +26,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
+
+from dinolab.configs.merge import merge
 
 from dinolab.eval import data as eval_data
 from dinolab.eval import depth, knn, linear, logreg, retrieval, segmentation
@@ -69,15 +71,7 @@ def build_config(protocol: str, overrides: list[str]) -> Any:
     """The protocol's config dataclass with ``key=value`` overrides applied (types checked)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ValueError(f"config overrides must be key=value, got {bad[0]!r}")
-    base = OmegaConf.structured(PROTOCOLS[protocol].config)
-    try:
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
-    except Exception as err:  # OmegaConf's messages span lines; keep the first
-        raise ValueError(f"{protocol} config: {str(err).splitlines()[0]}") from None
-    return OmegaConf.to_object(merged)
+    return merge(PROTOCOLS[protocol].config, overrides=overrides, context=f"invalid {protocol} config")
 
 
 def evaluate(protocol: str, model: nn.Module, data_path: str | Path, cfg: Any, artifacts: dict | None = None):
@@ -97,7 +91,10 @@ def _bf16_is_fast(device: str) -> bool:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
+    if args.set_overrides:
+        print("note: --set is deprecated: write the overrides as plain arguments, e.g. dinolab eval knn ... ks=[10,20]",
+              file=sys.stderr)
+    overrides = list(args.overrides) + list(args.set_overrides)
     if args.image_size is not None:
         overrides.append(f"image_size={args.image_size}")
     bf16 = not args.no_bf16 and _bf16_is_fast(args.device)
@@ -148,6 +145,8 @@ def register(subparsers) -> None:
     p.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/dinolab/eval-features)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 can be much faster on a busy shared CPU)")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="protocol config overrides, e.g. --set iterations=2000 ks=[10,20]")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="protocol config overrides, anywhere on the line, e.g. iterations=2000 ks=[10,20]")
+    p.add_argument("--set", dest="set_overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="deprecated spelling of the same overrides")
     p.set_defaults(func=run_eval)

@@ -61,7 +61,24 @@ def test_eval_command_writes_json_and_report(tmp_path, tiny_model, classificatio
     assert result["model"]["arch"] == "vit_tiny"
     assert (tmp_path / "out" / "results_confusion.png").stat().st_size > 0
     assert "knn/k3/top1" in (tmp_path / "out" / "results.md").read_text()
-    assert "knn/k1/top1" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "knn/k1/top1" in captured.out
+    # the old spelling still works, with one line saying so
+    assert [line for line in captured.err.splitlines() if "deprecated" in line] == [
+        "note: --set is deprecated: write the overrides as plain arguments, e.g. dinolab eval knn ... ks=[10,20]"
+    ]
+
+
+def test_overrides_are_plain_arguments_anywhere_on_the_line():
+    from dinolab.cli import build_parser, parse_args
+
+    args = parse_args(build_parser(), ["eval", "knn", "ks=[5]", "--data", "d.npz", "temperature=0.1",
+                                       "--batch-size", "8", "features.progress=false"])
+    assert args.overrides == ["ks=[5]", "temperature=0.1", "features.progress=false"] and args.set_overrides == []
+    cfg = cli.build_config("knn", args.overrides)
+    assert cfg.ks == (5,) and cfg.temperature == 0.1 and cfg.features.progress is False
+    with pytest.raises(ValueError, match=r"^invalid knn config: temperature: Value 'abc' of type 'str'"):
+        cli.build_config("knn", ["temperature=abc"])
 
 
 def test_report_draws_every_picture(tmp_path):
