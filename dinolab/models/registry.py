@@ -19,6 +19,13 @@ ARCHS: dict[str, dict] = {
 _HUB_SIZES = {"vits14": "vit_small", "vitb14": "vit_base", "vitl14": "vit_large", "vitg14": "vit_giant2"}
 
 
+def register_interpolation(num_register_tokens: int) -> dict:
+    """How the position embeddings are resampled, by the official rule: plain models ``interpolate_offset=0.1``
+    without antialias, register models ``interpolate_offset=0.0`` with antialias (as their checkpoints need)."""
+    registers = bool(num_register_tokens)
+    return dict(interpolate_antialias=registers, interpolate_offset=0.0 if registers else 0.1)
+
+
 def _hub_config(size: str, registers: bool) -> dict:
     return dict(
         arch=_HUB_SIZES[size],
@@ -27,8 +34,7 @@ def _hub_config(size: str, registers: bool) -> dict:
         init_values=1.0,
         ffn_layer="swiglufused" if size == "vitg14" else "mlp",
         num_register_tokens=4 if registers else 0,
-        interpolate_antialias=registers,
-        interpolate_offset=0.0 if registers else 0.1,
+        **register_interpolation(4 if registers else 0),
     )
 
 

@@ -73,13 +73,14 @@ def load_backbone_from_run(run_dir: str | Path) -> tuple[nn.Module, dict]:
     """The teacher backbone a training run exported, built as the run's config describes it.
 
     Reads ``run_dir/teacher_backbone.safetensors`` (else ``.pth``) and the architecture from
-    ``run_dir/config.yaml``: ``student.*`` (dinolab's training schema: arch, patch_size, sizes,
-    registers, LayerScale) or a plain ``model.arch``. The position-embedding grid (``img_size``)
+    ``run_dir/config.yaml``: ``student.*`` (dinolab's training schema, read by
+    :func:`dinolab.models.build.backbone_kwargs`) or a plain ``model.arch``. The position-embedding grid (``img_size``)
     is read off the weights, so they load without resampling.
     """
     from omegaconf import OmegaConf
 
     from dinolab.configs.schema import load_yaml
+    from dinolab.models.build import backbone_kwargs
     from dinolab.models.checkpoints import infer_arch_kwargs
     from dinolab.models.factory import build_backbone, read_weights
 
@@ -94,14 +95,8 @@ def load_backbone_from_run(run_dir: str | Path) -> tuple[nn.Module, dict]:
     if arch is None:
         raise ValueError(f"{cfg_path}: no student.arch or model.arch key")
     state = read_weights(weights)
-    overrides = {"img_size": infer_arch_kwargs(state)["img_size"]}
-    if student is not None:
-        keys = ("patch_size", "embed_dim", "depth", "num_heads", "ffn_layer", "num_register_tokens")
-        overrides.update({k: student[k] for k in keys if student.get(k) is not None})
-        if student.get("layerscale") is not None:
-            overrides["init_values"] = student["layerscale"]
-        registers = bool(student.get("num_register_tokens"))
-        overrides.update(interpolate_offset=0.0 if registers else 0.1, interpolate_antialias=registers)
+    img_size = infer_arch_kwargs(state)["img_size"]
+    overrides = backbone_kwargs(student, img_size) if student is not None else {"img_size": img_size}
     model = build_backbone(str(arch), weights=state, **overrides)
     return model, {"arch": str(arch), "weights": str(weights), "run": str(run_dir)}
 

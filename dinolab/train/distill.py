@@ -28,7 +28,8 @@ from torch import nn
 
 from dinolab.configs.schema import Config, load_config
 from dinolab.train.checkpointer import read_model_state, run_config_path
-from dinolab.train.meta_arch import SSLMetaArch, build_head, build_student_backbone
+from dinolab.models.build import build_student_backbone
+from dinolab.train.meta_arch import SSLMetaArch, build_head
 
 
 def load_teacher_config(cfg: Config) -> Config:

@@ -24,31 +24,9 @@ from dinolab.configs.schema import Config, HeadConfig
 from dinolab.distributed.env import is_initialized
 from dinolab.distributed.fsdp import local_tensors
 from dinolab.losses import EmaCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
-from dinolab.models.factory import build_backbone
+from dinolab.models.build import build_student_backbone
 from dinolab.models.heads import DINOHead
 from dinolab.models.vit import DinoVisionTransformer
-
-
-def build_student_backbone(cfg: Config) -> DinoVisionTransformer:
-    """The student backbone of ``cfg.student``; position embeddings sized for the global crops
-    (or ``student.img_size``: e.g. the grid of the weights it adapts)."""
-    s = cfg.student
-    overrides = dict(
-        img_size=s.img_size or cfg.crops.global_crops_size,
-        patch_size=s.patch_size,
-        drop_path_rate=s.drop_path_rate,
-        drop_path_mode=s.drop_path_mode,
-        init_values=s.layerscale,
-        ffn_layer=s.ffn_layer,
-        num_register_tokens=s.num_register_tokens,
-        interpolate_offset=0.0 if s.num_register_tokens else 0.1,
-        interpolate_antialias=bool(s.num_register_tokens),
-    )
-    overrides.update({k: getattr(s, k) for k in ("embed_dim", "depth", "num_heads") if getattr(s, k) is not None})
-    backbone = build_backbone(s.arch, weights=s.pretrained_weights, **overrides)
-    backbone.activation_checkpointing = cfg.train.activation_checkpointing  # no effect without autograd (teacher)
-    backbone.set_varlen_attention(cfg.train.varlen_attention)  # only packed groups use it (the student's)
-    return backbone
 
 
 def build_head(in_dim: int, h: HeadConfig) -> DINOHead:
