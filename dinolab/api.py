@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
 
@@ -89,7 +88,7 @@ def embed(images, model: str | Path | nn.Module | None = None, *, arch: str | No
         ``cls_tokens`` [N, D] (``[N, L, D]`` for ``layers > 1``), with ``patch_tokens`` [N, P, D] if asked; for
         paths also ``paths`` (the readable ones, in order) and ``skipped``.
     """
-    from dinolab.extract import ExtractConfig, embed_batch, extract_features
+    from dinolab.features.files import ExtractConfig, embed_arrays, extract_features
     from dinolab.models.resolve import native_input_size, resize_for, resolve_backbone
 
     if isinstance(model, nn.Module):
@@ -109,21 +108,7 @@ def embed(images, model: str | Path | nn.Module | None = None, *, arch: str | No
         if not paths:
             raise ValueError(f"no image files found in {images}")
         return extract_features(backbone, paths, cfg)
-    from dinolab.data.transforms import EvalTransform
-
-    backbone.eval()
-    transform = EvalTransform(cfg.size, cfg.resize)
-    cls_parts, patch_parts = [], []
-    for start in range(0, len(pictures), batch_size):
-        x = torch.stack([transform(p) for p in pictures[start:start + batch_size]])
-        cls, patches = embed_batch(backbone, x, layers, patch_tokens, bf16)
-        cls_parts.append(cls.numpy())
-        if patches is not None:
-            patch_parts.append(patches.numpy())
-    out = {"cls_tokens": np.concatenate(cls_parts)}
-    if patch_parts:
-        out["patch_tokens"] = np.concatenate(patch_parts)
-    return out
+    return embed_arrays(backbone, pictures, cfg)[0]
 
 
 def _in_memory_images(images) -> list | None:

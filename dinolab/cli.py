@@ -16,7 +16,7 @@ import sys
 
 # Modules that each add one or more subcommands, in the order they appear in --help.
 COMMAND_MODULES = (
-    "dinolab.extract",
+    "dinolab.features.cli",
     "dinolab.export",
     "dinolab.models.convert",
     "dinolab.train.cli",

@@ -51,7 +51,7 @@ def test_train_call_refuses_bad_input_in_one_line(tmp_path):
 def test_embed_equals_extract(tmp_path):
     from PIL import Image
 
-    from dinolab.extract import load_features
+    from dinolab.features.store import load_features
     from dinolab.models import build_backbone
     from dinolab.models.checkpoints import save_backbone
 

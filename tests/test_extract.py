@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from dinolab.cli import main
-from dinolab.extract import ExtractConfig, extract_features, load_features, save_features
+from dinolab.features.files import ExtractConfig, extract_features
+from dinolab.features.store import load_features, save_features
 from dinolab.models import DinoVisionTransformer, build_backbone
 from dinolab.models.checkpoints import save_backbone
 

@@ -18,20 +18,20 @@ Memory: one shard of embeddings (``shard_size x D``) plus the model and one batc
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import l2_normalize
-from dinolab.data.images import display_path, try_load_rgb, warn_skipped
-from dinolab.data.transforms import EvalTransform
+from dinolab.data.images import display_path, warn_skipped
+from dinolab.distributed.env import dist_env
+from dinolab.features.embed import EmbedOptions, embed
+from dinolab.features.inputs import Preprocess
+from dinolab.utils.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -63,51 +63,6 @@ class EmbedConfig:
             raise ValueError(f"shard_size and batch_size must be >= 1, got {self.shard_size}, {self.batch_size}")
 
 
-def dist_env() -> tuple[int, int]:
-    """``(rank, world_size)`` from an initialised process group, else from torchrun's env vars."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def resolve_device(device: str) -> torch.device:
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-class _ImageFiles(Dataset):
-    """Decoded, transformed images; an unreadable file yields ``None`` instead of raising."""
-
-    def __init__(self, paths: Sequence[Path], transform: EvalTransform) -> None:
-        self.paths = paths
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
-        image = try_load_rgb(self.paths[i])
-        return (None if image is None else self.transform(image)), i
-
-
-def _collate(items: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor | None, list[int], list[int]]:
-    """-> (images [B, 3, H, W] of the readable items or None, their positions, unreadable positions)."""
-    ok = [(x, i) for x, i in items if x is not None]
-    bad = [i for x, i in items if x is None]
-    images = torch.stack([x for x, _ in ok]) if ok else None
-    return images, [i for _, i in ok], bad
-
-
-@torch.inference_mode()
-def embed_batch(model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
-    """Class-token embeddings of a batch, L2-normalised: images [B, 3, H, W] -> [B, D] float32."""
-    feats = model(images)
-    return l2_normalize(feats.float().cpu().numpy())
-
-
 def feature_dim(model: torch.nn.Module) -> int:
     """The backbone's output width (``embed_dim``)."""
     dim = getattr(model, "embed_dim", None)
@@ -117,32 +72,28 @@ def feature_dim(model: torch.nn.Module) -> int:
 
 
 def embed_shard(
-    model: torch.nn.Module, paths: Sequence[Path], first_id: int, cfg: EmbedConfig, device: torch.device
+    model: torch.nn.Module, paths: Sequence[Path], first_id: int, cfg: EmbedConfig
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Embed one shard of image files.
+    """Embed one shard of image files: L2-normalised class tokens of ``model`` (on its device).
 
     Returns:
         arrays ``embeddings [n, D]``, ``ids [n]`` (``first_id`` + position), ``paths [n]`` for the
         n readable images, and the list of unreadable paths.
     """
-    transform = EvalTransform(crop_size=cfg.crop_size, resize_size=cfg.resize_size)
-    loader = DataLoader(
-        _ImageFiles(paths, transform), batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=_collate
-    )
-    feats, kept, skipped = [], [], []
-    for images, ok, bad in tqdm(loader, desc=f"embed ids {first_id}+", unit="batch", leave=False):
-        skipped += [str(paths[i]) for i in bad]
-        if images is not None:
-            feats.append(embed_batch(model, images.to(device)))
-            kept += ok
+    options = EmbedOptions(batch_size=cfg.batch_size, num_workers=cfg.num_workers, desc=f"embed ids {first_id}+")
+    embedded = embed(model, paths, Preprocess.official(cfg.crop_size, cfg.resize_size), options=options)
+    skipped = [str(paths[i]) for i in embedded.skipped]
     for path in skipped:
         log.warning("skipping unreadable image %s", display_path(path))
     dtype = np.float16 if cfg.float16 else np.float32
-    emb = np.concatenate(feats) if feats else np.zeros((0, feature_dim(model)), np.float32)
+    if embedded.kept:
+        emb = l2_normalize(embedded.tokens["cls"][:, -1].numpy())
+    else:
+        emb = np.zeros((0, feature_dim(model)), np.float32)
     arrays = {
         "embeddings": emb.astype(dtype),
-        "ids": first_id + np.asarray(kept, dtype=np.int64),
-        "paths": np.asarray([str(paths[i]) for i in kept], dtype=str),
+        "ids": first_id + np.asarray(embedded.kept, dtype=np.int64),
+        "paths": np.asarray([str(paths[i]) for i in embedded.kept], dtype=str),
     }
     return arrays, skipped
 
@@ -159,11 +110,12 @@ def embed_images(
 
     Args:
         paths: image files (their order defines ids and shards; pass a sorted list).
-        model: backbone returning [B, D] features from [B, 3, H, W] images, or a function building
-            it (called only if some shard is left to compute).
+        model: a backbone (its last block's normalised class token is embedded, see
+            :mod:`dinolab.features.embed`) or any module returning [B, D] from [B, 3, H, W] images, or a
+            function building it (called only if some shard is left to compute).
         stage: an opened stage (its config should name the model and ``cfg``).
         cfg: embedding settings.
-        rank, world_size: default from :func:`dist_env`.
+        rank, world_size: default from :func:`dinolab.distributed.env.dist_env`.
 
     Returns:
         True if the stage is finished (always on one rank; on several ranks, once every shard exists).
@@ -187,7 +139,7 @@ def embed_images(
             built = model if isinstance(model, torch.nn.Module) else model()
             loaded.append(built.to(device).eval())
         start = index * cfg.shard_size
-        arrays, skipped = embed_shard(loaded[0], paths[start : start + cfg.shard_size], start, cfg, device)
+        arrays, skipped = embed_shard(loaded[0], paths[start : start + cfg.shard_size], start, cfg)
         skipped_per_shard[index] = skipped
         return arrays
 

@@ -82,6 +82,14 @@ def shutdown(env: DistEnv, synchronize: bool = False) -> None:
         dist.destroy_process_group()
 
 
+def dist_env() -> tuple[int, int]:
+    """``(rank, world_size)`` from an initialised process group, else from torchrun's ``RANK`` and ``WORLD_SIZE``
+    (a launch whose ranks work apart, without a group, as curation's shards do)."""
+    if is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def rank() -> int:
     """This process's rank (``RANK`` of the launch before/after the group exists; 0 alone)."""
     return dist.get_rank() if is_initialized() else int(os.environ.get("RANK", 0))

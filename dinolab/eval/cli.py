@@ -32,7 +32,8 @@ from dinolab.configs.merge import merge
 
 from dinolab.eval import data as eval_data
 from dinolab.eval import depth, knn, linear, logreg, retrieval, segmentation
-from dinolab.eval.features import model_fingerprint, resolve_device
+from dinolab.features.cache import model_fingerprint
+from dinolab.utils.runtime import resolve_device
 from dinolab.eval.report import write_results
 from dinolab.models.resolve import load_backbone_from_run, resolve_backbone  # noqa: F401 (re-exported)
 

@@ -51,7 +51,9 @@ from torch import nn
 from tqdm import tqdm
 
 from dinolab.eval.data import DepthData, DepthGroup, DepthSplit
-from dinolab.eval.features import FeatureConfig, FeatureSpec, dense_preprocess, extract, keeps_global_rng
+from dinolab.eval.features import dense_preprocess, keeps_global_rng
+from dinolab.features.cache import FeatureConfig, extract
+from dinolab.features.embed import FeatureSpec
 
 # max depth (m) by a name fragment of the dataset / group, as the official depth heads
 DEPTH_RANGES = {"kitti": 80.0, "nyu": 10.0, "indoor": 10.0, "sun": 10.0, "tum": 10.0}

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinolab.eval.data import ClassificationData
-from dinolab.eval.features import FeatureConfig, classification_preprocess, extract, global_spec
+from dinolab.eval.features import classification_preprocess, global_spec
+from dinolab.features.cache import FeatureConfig, extract
 from dinolab.eval.metrics import confusion_matrix, topk_accuracy
 
 

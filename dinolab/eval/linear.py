@@ -40,7 +40,8 @@ from torch import nn
 from tqdm import tqdm
 
 from dinolab.eval.data import ClassificationData
-from dinolab.eval.features import FeatureConfig, classification_preprocess, extract, global_spec, keeps_global_rng
+from dinolab.eval.features import classification_preprocess, global_spec, keeps_global_rng
+from dinolab.features.cache import FeatureConfig, extract
 from dinolab.eval.metrics import confusion_matrix, topk_accuracy
 
 OFFICIAL_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)

@@ -50,7 +50,8 @@ from dinolab.eval.data import (
     load_classification,
     load_retrieval,
 )
-from dinolab.eval.features import FeatureConfig, classification_preprocess, extract, global_spec
+from dinolab.eval.features import classification_preprocess, global_spec
+from dinolab.features.cache import FeatureConfig, extract
 from dinolab.io import atomic_save_npz
 
 CONSTRUCTED_NOTE = (

@@ -27,7 +27,10 @@ from torch import nn
 from tqdm import tqdm
 
 from dinolab.eval.data import SegmentationData, SegmentationSplit
-from dinolab.eval.features import FeatureConfig, FeatureSpec, Preprocess, dense_preprocess, extract, keeps_global_rng
+from dinolab.eval.features import dense_preprocess, keeps_global_rng
+from dinolab.features.cache import FeatureConfig, extract
+from dinolab.features.embed import FeatureSpec
+from dinolab.features.inputs import Preprocess
 from dinolab.eval.metrics import confusion_matrix, segmentation_scores
 
 

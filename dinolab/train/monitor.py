@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from dinolab.data.datasets import LabelledSplits
 from dinolab.data.transforms import normalize
 from dinolab.eval.knn import KnnConfig, knn_from_features
-from dinolab.extract import embed_batch
+from dinolab.features.embed import embed_batch
 
 
 def _as_array(images) -> np.ndarray:
@@ -36,7 +36,7 @@ def class_tokens(backbone, images: np.ndarray, image_size: int, batch_size: int 
         x = torch.from_numpy(images[start : start + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255.0
         if x.shape[-2:] != (image_size, image_size):
             x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True).clamp(0, 1)
-        feats.append(embed_batch(backbone, normalize(x), bf16=bf16)[0].cpu())
+        feats.append(embed_batch(backbone, normalize(x), bf16=bf16)["cls"][:, 0])
     backbone.train(was_training)
     return torch.cat(feats)
 

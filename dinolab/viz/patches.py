@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dinolab.data.images import load_rgb
-from dinolab.data.transforms import normalize, resize_shorter, to_tensor
+from dinolab.data.transforms import resize_shorter
+from dinolab.features.embed import FeatureSpec, embed_batch, model_device
+from dinolab.features.inputs import to_model_input
 
 # Long side cap, as a multiple of ``size``: a panorama would otherwise cost quadratically more tokens.
 MAX_ASPECT = 2.0
@@ -62,32 +64,24 @@ def fit_to_patch_grid(image: Image.Image, size: int, patch_size: int) -> Image.I
     return image.crop((left, top, left + new_w, top + new_h))
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's parameters (CPU for a parameterless module)."""
-    return next(model.parameters(), torch.empty(0)).device
-
-
 def image_to_input(image: Image.Image, model: torch.nn.Module) -> torch.Tensor:
     """RGB image already on the patch grid -> normalised model input [1, 3, H, W] on the model's device."""
-    return normalize(to_tensor(image)).unsqueeze(0).to(model_device(model))
+    return to_model_input(image).unsqueeze(0).to(model_device(model))
 
 
-@torch.inference_mode()
 def patch_features(model: torch.nn.Module, image: Image.Image | str | Path, size: int) -> PatchFeatures:
     """Run the backbone on one image and return its patch grid features and class token.
 
     Args:
-        model: a DINOv2 backbone (``forward_features`` returning ``x_norm_patchtokens`` [1, N, D]).
+        model: a DINOv2 backbone (the last block's normalised tokens, through :mod:`dinolab.features.embed`).
         image: a PIL image or a path to one.
         size: shorter side, in pixels, before cropping to the patch grid.
     """
     if not isinstance(image, Image.Image):
         image = load_rgb(image)
     fitted = fit_to_patch_grid(image, size, model.patch_size)
-    out = model.forward_features(image_to_input(fitted, model))
-    h, w = fitted.height // model.patch_size, fitted.width // model.patch_size
-    patches = out["x_norm_patchtokens"][0].float().reshape(h, w, -1).cpu()
-    return PatchFeatures(image=fitted, patches=patches, cls=out["x_norm_clstoken"][0].float().cpu())
+    tokens = embed_batch(model, image_to_input(fitted, model), FeatureSpec(patch="all"))
+    return PatchFeatures(image=fitted, patches=tokens["patch"][0, 0], cls=tokens["cls"][0, 0])
 
 
 def upsample_grid(grid: np.ndarray, width: int, height: int, mode: str = "bilinear") -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinolab.eval.features import FeatureConfig
+from dinolab.features.cache import FeatureConfig
 from dinolab.models import DinoVisionTransformer
 
 

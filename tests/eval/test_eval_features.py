@@ -5,14 +5,10 @@ import pytest
 import torch
 
 from dinolab.eval.data import ImageSet
-from dinolab.eval.features import (
-    FeatureSpec,
-    Preprocess,
-    classification_preprocess,
-    dense_preprocess,
-    extract,
-    model_fingerprint,
-)
+from dinolab.eval.features import classification_preprocess, dense_preprocess
+from dinolab.features.cache import extract, model_fingerprint
+from dinolab.features.embed import FeatureSpec
+from dinolab.features.inputs import Preprocess
 
 
 def _count_forwards(model):
