@@ -44,7 +44,7 @@ import numpy as np
 from dinolab.curate.cluster import KMeansConfig, pool_kmeans
 from dinolab.curate.dedup import DedupConfig, relative_dedup, self_dedup
 from dinolab.curate.index import IndexConfig, build_index
-from dinolab.curate.retrieve import RetrieveConfig, retrieve_for_seed_set
+from dinolab.curate.retrieve import RetrieveConfig, retrieve_sharded
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import ArrayEmbeddings
 
@@ -268,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         retrieval_index = timer.run("retrieval: fill index over kept", build_index, store, index_cfg, keep, trained)
         large = ArrayEmbeddings(_noisy(rng, x[rng.choice(args.n, args.seed_large, replace=False)], 0.8))
         small = ArrayEmbeddings(_noisy(rng, x[rng.choice(args.n, args.seed_small, replace=False)], 0.8))
-        method_l, rows_l, _ = timer.run("retrieval: sample-based (large set)", retrieve_for_seed_set, "large", large,
+        method_l, rows_l, _ = timer.run("retrieval: sample-based (large set)", retrieve_sharded, "large", large,
                                         retrieval_index, clusters, args.n, RetrieveConfig(method="sample"))
-        method_s, rows_s, _ = timer.run("retrieval: cluster-based (small set)", retrieve_for_seed_set, "small", small,
+        method_s, rows_s, _ = timer.run("retrieval: cluster-based (small set)", retrieve_sharded, "small", small,
                                         retrieval_index, clusters, args.n,
                                         RetrieveConfig(method="cluster", per_cluster=1000, cap=200_000))
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from dinolab.curate.cluster import ClusterAssignment, take_per_cluster
 from dinolab.curate.index import PoolIndex
-from dinolab.curate.store import EmbeddingStore
+from dinolab.curate.store import ArrayEmbeddings, EmbeddingStore
 from dinolab.io import atomic_path
 
 METHODS = ("auto", "sample", "cluster")
@@ -69,18 +69,52 @@ class RetrieveConfig:
         return "cluster" if num_seeds < self.cluster_below else "sample"
 
 
-def sample_based(index: PoolIndex, seeds: np.ndarray, n_per_seed: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
+def sample_based(
+    index: PoolIndex, seeds: EmbeddingStore | np.ndarray, n_per_seed: int, cap: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The ``n_per_seed`` nearest pool rows of every seed image, deduplicated, at most ``cap``.
 
     Args:
-        index: index over the deduplicated pool.
-        seeds: [S, D] unit seed embeddings.
+        index: index over the deduplicated pool (a :class:`PoolIndex`, or collectively a
+            :class:`~dinolab.curate.sharded.ShardedIndex`).
+        seeds: [S, D] unit seed embeddings, or a store of them (searched by :func:`search_seed_set`).
 
     Returns:
-        rows [R] int64 and their similarity to the nearest seed [R] float32, most similar first.
+        rows [R] int64 and their similarity to the nearest seed [R] float32, most similar first
+        (``None, None`` on ranks other than 0).
     """
-    sims, rows = index.search(seeds, n_per_seed)
+    sims, rows = search_seed_set(index, seeds, n_per_seed)
+    if sims is None:
+        return None, None
     return best_unique(rows.ravel(), sims.ravel(), cap)
+
+
+def search_seed_set(
+    index: PoolIndex, seeds: EmbeddingStore | np.ndarray, k: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """k nearest pool rows of every seed, each rank searching its own chunks of the seed set (collective
+    with a sharded index); the candidates are gathered on rank 0.
+
+    Returns:
+        sims [S, k], rows [S, k] on rank 0 (seeds in rank-then-chunk order); ``None, None`` elsewhere.
+    """
+    from dinolab.curate import collective
+
+    if isinstance(seeds, np.ndarray):
+        seeds = ArrayEmbeddings(seeds)
+    mine = collective.my_chunks(seeds.num_chunks())
+    found = []
+    for j in range(collective.lockstep_rounds(len(mine))):
+        queries = seeds.chunk(mine[j])[1] if j < len(mine) else np.zeros((0, seeds.dim), np.float32)
+        sims, rows = index.search(queries, k)
+        if j < len(mine):
+            found.append((sims, rows))
+    gathered = [part for per_rank in collective.all_gather(found) for part in per_rank]
+    if collective.dist_env()[0] != 0:
+        return None, None
+    if not gathered:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return np.concatenate([s for s, _ in gathered]), np.concatenate([r for _, r in gathered])
 
 
 def best_unique(rows: np.ndarray, sims: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,22 +133,13 @@ def best_unique(rows: np.ndarray, sims: np.ndarray, cap: int) -> tuple[np.ndarra
     return rows[first], sims[first]
 
 
-def cluster_hits(index: PoolIndex, seeds: np.ndarray, hits_per_seed: int, cluster_of_row: np.ndarray) -> np.ndarray:
-    """[K] number of the seeds' nearest pool images that fall in each cluster."""
-    _, rows = index.search(seeds, hits_per_seed)
-    rows = rows[rows >= 0]
-    clusters = cluster_of_row[rows]
-    clusters = clusters[clusters >= 0]
-    return np.bincount(clusters, minlength=int(cluster_of_row.max()) + 1)  # same length for every chunk
-
-
 def cluster_based(
     hits: np.ndarray, clusters: ClusterAssignment, min_hits: int, per_cluster: int, cap: int, strategy: str, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images of the clusters with more than ``min_hits`` hits, ``per_cluster`` each, at most ``cap``.
 
     Args:
-        hits: [K] hits per cluster (:func:`cluster_hits`).
+        hits: [K] hits per cluster (seeds' nearest pool images in it, :func:`retrieve_sharded`).
         clusters: k-means assignment of the pool.
 
     Returns:
@@ -138,36 +163,6 @@ def cluster_based(
     order = np.lexsort((-clusters.sim[picked], rank_of_cluster[clusters.cluster[picked]]))
     picked = picked[order]
     return clusters.rows[picked], clusters.sim[picked].astype(np.float32)
-
-
-def retrieve_for_seed_set(
-    name: str,
-    seeds: EmbeddingStore,
-    index: PoolIndex,
-    clusters: ClusterAssignment | None,
-    num_rows: int,
-    cfg: RetrieveConfig,
-) -> tuple[str, np.ndarray, np.ndarray]:
-    """Run the configured method for one seed set (streamed chunk by chunk).
-
-    Returns:
-        (method, pool rows [R], similarities [R]).
-    """
-    method = cfg.method_for(seeds.num_rows)
-    if method == "sample":
-        found = [index.search(emb, cfg.n_per_seed) for _, emb in seeds.iter_chunks()]
-        rows = np.concatenate([r.ravel() for _, r in found])
-        sims = np.concatenate([s.ravel() for s, _ in found])
-        rows, sims = best_unique(rows, sims, cfg.cap)
-        return method, rows, sims
-    if clusters is None:
-        raise ValueError(f"seed set {name!r}: cluster-based retrieval needs the cluster stage")
-    cluster_of_row = clusters.cluster_of_rows(num_rows)
-    hits = sum(cluster_hits(index, emb, cfg.hits_per_seed, cluster_of_row) for _, emb in seeds.iter_chunks())
-    rows, sims = cluster_based(
-        hits, clusters, cfg.min_hits, cfg.per_cluster, cfg.cap, cfg.cluster_sampling, cfg.seed
-    )
-    return method, rows, sims
 
 
 def make_records(
@@ -217,34 +212,23 @@ def retrieve_sharded(
     num_rows: int,
     cfg: RetrieveConfig,
 ) -> tuple[str, np.ndarray | None, np.ndarray | None]:
-    """:func:`retrieve_for_seed_set` under torchrun (collective; the same result in one process).
+    """Run the configured method for one seed set (collective under torchrun; also in one process).
 
     Each rank searches its own chunks of the seed set (``rank, rank + W, ...``) in ``index`` (a
-    :class:`~dinolab.curate.sharded.ShardedIndex`: every rank's shard of the kept pool); rank 0 gathers
-    the candidates (rows and similarities, ``n_per_seed`` or ``hits_per_seed`` per seed) and applies the
-    cap (sample-based) or the cluster choice, quotas and cap (cluster-based, with ``clusters``, rank 0's).
+    :class:`~dinolab.curate.sharded.ShardedIndex`: every rank's shard of the kept pool, or one
+    :class:`PoolIndex`); rank 0 gathers the candidates (rows and similarities, ``n_per_seed`` or
+    ``hits_per_seed`` per seed) and applies the cap (sample-based) or the cluster choice, quotas and cap
+    (cluster-based, with ``clusters``, rank 0's).
 
     Returns:
         (method, pool rows [R], similarities [R]) on rank 0; (method, None, None) on other ranks.
     """
-    from dinolab.curate import collective
-
     method = cfg.method_for(seeds.num_rows)
-    k = cfg.n_per_seed if method == "sample" else cfg.hits_per_seed
-    mine = collective.my_chunks(seeds.num_chunks())
-    found = []
-    for j in range(collective.lockstep_rounds(len(mine))):
-        queries = seeds.chunk(mine[j])[1] if j < len(mine) else np.zeros((0, seeds.dim), np.float32)
-        sims, rows = index.search(queries, k)
-        if j < len(mine):
-            found.append((sims.ravel(), rows.ravel()))
-    gathered = [part for per_rank in collective.all_gather(found) for part in per_rank]
-    if collective.dist_env()[0] != 0:
-        return method, None, None
-    sims = np.concatenate([s for s, _ in gathered]) if gathered else np.zeros(0, np.float32)
-    rows = np.concatenate([r for _, r in gathered]) if gathered else np.zeros(0, np.int64)
     if method == "sample":
-        return (method, *best_unique(rows, sims, cfg.cap))
+        return (method, *sample_based(index, seeds, cfg.n_per_seed, cfg.cap))
+    sims, rows = search_seed_set(index, seeds, cfg.hits_per_seed)
+    if rows is None:
+        return method, None, None
     if clusters is None:
         raise ValueError(f"seed set {name!r}: cluster-based retrieval needs the cluster stage")
     cluster_of_row = clusters.cluster_of_rows(num_rows)
