@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dinolab.configs.schema import Config
-from dinolab.train.meta_arch import SSLMetaArch
+from dinolab.configs.schema import AdaptConfig, Config
+from dinolab.models.build import build_student_backbone
+from dinolab.models.vit import DinoVisionTransformer
+from dinolab.train.meta_arch import SSLMetaArch, config_sections
 
 ARCH_BY_WIDTH = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large", 1536: "vit_giant2"}
 PRESET_BY_WIDTH = {384: "adapt_vits14", 768: "adapt_vitb14", 1024: "adapt_vitl14"}
@@ -121,20 +123,32 @@ class AdaptMetaArch(SSLMetaArch):
     """:class:`SSLMetaArch` with the head warm-up on a frozen backbone and the feature anchor.
 
     ``source`` is a frozen copy of the backbone as loaded (no drop path): neither trained nor EMA'd.
+
+    Args:
+        adapt: the anchor's weight and tokens.
+        warmup_iters: iterations of the head warm-up (:func:`head_warmup_iters`).
+        sections: :class:`SSLMetaArch`'s keyword arguments.
     """
 
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        self.warmup_iters = head_warmup_iters(cfg)
-        if cfg.adapt.anchor_weight > 0:
+    def __init__(self, backbone: DinoVisionTransformer, *, adapt: AdaptConfig, warmup_iters: int, **sections) -> None:
+        super().__init__(backbone, **sections)
+        self.adapt_cfg = adapt
+        self.warmup_iters = warmup_iters
+        if adapt.anchor_weight > 0:
             self.source = copy.deepcopy(self.student.backbone)
             for blk in self.source.blocks:
                 blk.drop_path = 0.0
             self.source.requires_grad_(False)
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> AdaptMetaArch:
+        """The student built from (and loaded with) ``student.pretrained_weights``, the recipe of ``cfg.adapt``."""
+        return cls(build_student_backbone(cfg), adapt=cfg.adapt, warmup_iters=head_warmup_iters(cfg),
+                   **config_sections(cfg))
+
     def begin_step(self, iteration: int) -> None:
         """Freeze the student's backbone during the head warm-up, unfreeze it after."""
-        if self.cfg.student.freeze_backbone:
+        if self.freeze_backbone:
             return
         train_backbone = iteration >= self.warmup_iters
         backbone = self.student.backbone
@@ -145,7 +159,7 @@ class AdaptMetaArch(SSLMetaArch):
     def teacher_targets(self, batch: dict, teacher_temp: float) -> dict[str, torch.Tensor]:
         """The teacher's targets and, with the anchor, the source's tokens on the student's (masked) global crops."""
         targets = super().teacher_targets(batch, teacher_temp)
-        if self.cfg.adapt.anchor_weight > 0:
+        if self.adapt_cfg.anchor_weight > 0:
             out = self.source(batch["global_crops"], self._student_masks(batch), is_training=True)
             targets["anchor_cls"] = out["x_norm_clstoken"]
             targets["anchor_patch"] = out["x_norm_patchtokens"].mean(1)
@@ -154,7 +168,7 @@ class AdaptMetaArch(SSLMetaArch):
     def compute_losses(self, student: dict, targets: dict, batch: dict) -> dict[str, torch.Tensor]:
         """The DINOv2 terms plus ``anchor`` (when ``adapt.anchor_weight > 0``), included in ``total``."""
         losses = super().compute_losses(student, targets, batch)
-        a = self.cfg.adapt
+        a = self.adapt_cfg
         if a.anchor_weight <= 0:
             return losses
         terms = []

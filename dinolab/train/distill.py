@@ -29,7 +29,8 @@ from torch import nn
 from dinolab.configs.schema import Config, load_config
 from dinolab.train.checkpointer import read_model_state, run_config_path
 from dinolab.models.build import build_student_backbone
-from dinolab.train.meta_arch import SSLMetaArch, build_head
+from dinolab.models.vit import DinoVisionTransformer
+from dinolab.train.meta_arch import SSLMetaArch, build_head, config_sections
 
 
 def load_teacher_config(cfg: Config) -> Config:
@@ -77,19 +78,29 @@ def _check_compatible(cfg: Config, teacher_cfg: Config) -> None:
 
 
 class DistillMetaArch(SSLMetaArch):
-    """``student`` (trained), ``teacher`` (frozen, another architecture) and ``student_ema`` (exported)."""
+    """``student`` (trained), ``teacher`` (frozen, another architecture) and ``student_ema`` (exported).
 
-    def __init__(self, cfg: Config, teacher_cfg: Config, teacher_state: dict[str, torch.Tensor]) -> None:
-        _check_compatible(cfg, teacher_cfg)
-        super().__init__(cfg)
+    Args:
+        teacher_run: the config of the run the teacher comes from (its architecture and heads; not kept).
+        teacher_state: that run's meta-architecture state dict (:func:`teacher_weights` takes the teacher side).
+        sections: :class:`SSLMetaArch`'s keyword arguments, for the student.
+    """
+
+    def __init__(self, backbone: DinoVisionTransformer, *, teacher_run: Config,
+                 teacher_state: dict[str, torch.Tensor], **sections) -> None:
+        super().__init__(backbone, **sections)
+        self.patch_size = backbone.patch_size
         self.student_ema = self.teacher  # SSLMetaArch's EMA copy of the student
-        self.teacher = build_frozen_teacher(teacher_cfg, teacher_weights(teacher_state))
+        self.teacher = build_frozen_teacher(teacher_run, teacher_weights(teacher_state))
         self.student.backbone.mask_token.requires_grad_(False)  # never masked, so never trained
 
     @classmethod
     def from_config(cls, cfg: Config) -> DistillMetaArch:
         """Teacher weights from ``cfg.distill.teacher_checkpoint``, its architecture from the run's config."""
-        return cls(cfg, load_teacher_config(cfg), read_model_state(cfg.distill.teacher_checkpoint))
+        teacher_run, teacher_state = load_teacher_config(cfg), read_model_state(cfg.distill.teacher_checkpoint)
+        _check_compatible(cfg, teacher_run)
+        return cls(build_student_backbone(cfg), teacher_run=teacher_run, teacher_state=teacher_state,
+                   **config_sections(cfg))
 
     @property
     def ema(self) -> nn.ModuleDict:
@@ -103,5 +114,5 @@ class DistillMetaArch(SSLMetaArch):
 
     def _ibot_weights(self, batch: dict) -> torch.Tensor:
         g = batch["global_crops"]
-        n_patches = (g.shape[-2] // self.cfg.student.patch_size) * (g.shape[-1] // self.cfg.student.patch_size)
+        n_patches = (g.shape[-2] // self.patch_size) * (g.shape[-1] // self.patch_size)
         return torch.full((g.shape[0] * n_patches,), 1.0 / n_patches, device=g.device)

@@ -96,8 +96,8 @@ def build_meta_arch(cfg: Config) -> SSLMetaArch:
     if cfg.adapt.enabled:
         from dinolab.train.adapt import AdaptMetaArch
 
-        return AdaptMetaArch(cfg)
-    return SSLMetaArch(cfg)
+        return AdaptMetaArch.from_config(cfg)
+    return SSLMetaArch.from_config(cfg)
 
 
 def compile_backbones(meta: SSLMetaArch, device: torch.device | None = None) -> None:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dinolab.configs.schema import Config, HeadConfig
+from dinolab.configs.schema import Config, DinoConfig, HeadConfig, IbotConfig, TeacherConfig
 from dinolab.distributed.env import is_initialized
 from dinolab.distributed.fsdp import local_tensors
 from dinolab.losses import EmaCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
@@ -33,28 +33,48 @@ def build_head(in_dim: int, h: HeadConfig) -> DINOHead:
     return DINOHead(in_dim, h.n_prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers)
 
 
-class SSLMetaArch(nn.Module):
-    """``student`` and ``teacher``: ModuleDicts of ``backbone``, ``dino_head`` and (untied) ``ibot_head``."""
+def config_sections(cfg: Config) -> dict:
+    """The parts of ``cfg`` a meta-architecture reads, as :class:`SSLMetaArch`'s keyword arguments."""
+    return dict(dino=cfg.dino, ibot=cfg.ibot, teacher=cfg.teacher, pack_crops=cfg.train.pack_crops,
+                freeze_backbone=cfg.student.freeze_backbone)
 
-    def __init__(self, cfg: Config) -> None:
+
+class SSLMetaArch(nn.Module):
+    """``student`` and ``teacher``: ModuleDicts of ``backbone``, ``dino_head`` and (untied) ``ibot_head``.
+
+    Args:
+        backbone: the student backbone (the teacher starts as its copy), e.g.
+            :func:`~dinolab.models.build.build_student_backbone`.
+        dino, ibot, teacher: the heads, loss weights, temperatures and centering of the run.
+        pack_crops: global and local crops in one student pass per block (else two passes).
+        freeze_backbone: train the heads only (e.g. heads for an official backbone).
+    """
+
+    def __init__(self, backbone: DinoVisionTransformer, *, dino: DinoConfig, ibot: IbotConfig, teacher: TeacherConfig,
+                 pack_crops: bool, freeze_backbone: bool) -> None:
         super().__init__()
-        self.cfg = cfg
-        backbone = build_student_backbone(cfg)
-        student = {"backbone": backbone, "dino_head": build_head(backbone.embed_dim, cfg.dino.head)}
-        if cfg.ibot.separate_head:
-            student["ibot_head"] = build_head(backbone.embed_dim, cfg.ibot.head)
-        if cfg.student.freeze_backbone:  # heads-only training (e.g. heads for an official backbone)
+        self.dino_cfg, self.ibot_cfg, self.teacher_cfg = dino, ibot, teacher
+        self.pack_crops, self.freeze_backbone = pack_crops, freeze_backbone
+        student = {"backbone": backbone, "dino_head": build_head(backbone.embed_dim, dino.head)}
+        if ibot.separate_head:
+            student["ibot_head"] = build_head(backbone.embed_dim, ibot.head)
+        if freeze_backbone:
             backbone.requires_grad_(False)
-        if cfg.ibot.loss_weight <= 0 and "ibot_head" in student:  # never called: nothing for DDP to wait for
+        if ibot.loss_weight <= 0 and "ibot_head" in student:  # never called: nothing for DDP to wait for
             student["ibot_head"].requires_grad_(False)
         self.student = nn.ModuleDict(student)
         self.teacher = copy.deepcopy(self.student)
         for blk in self.teacher.backbone.blocks:  # the teacher never drops paths
             blk.drop_path = 0.0
         self.teacher.requires_grad_(False)
-        if cfg.teacher.centering == "softmax":
-            self.dino_center = EmaCenter(cfg.dino.head.n_prototypes, cfg.teacher.center_momentum)
-            self.ibot_center = EmaCenter(self._ibot_prototypes, cfg.teacher.center_momentum)
+        if teacher.centering == "softmax":
+            self.dino_center = EmaCenter(dino.head.n_prototypes, teacher.center_momentum)
+            self.ibot_center = EmaCenter(self._ibot_prototypes, teacher.center_momentum)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> SSLMetaArch:
+        """The meta-architecture of a training config (the student built from ``cfg.student``)."""
+        return cls(build_student_backbone(cfg), **config_sections(cfg))
 
     def begin_step(self, iteration: int) -> None:
         """Called before each training step (0-based ``iteration``); adaptation freezes its backbone here."""
@@ -70,7 +90,7 @@ class SSLMetaArch(nn.Module):
 
     @property
     def _ibot_prototypes(self) -> int:
-        return self.cfg.ibot.head.n_prototypes if self.cfg.ibot.separate_head else self.cfg.dino.head.n_prototypes
+        return self.ibot_cfg.head.n_prototypes if self.ibot_cfg.separate_head else self.dino_cfg.head.n_prototypes
 
     def _head_logits(
         self, side: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor
@@ -80,7 +100,7 @@ class SSLMetaArch(nn.Module):
         A shared head gets one call on the concatenation (as the official code), so that every
         sub-module runs once per step (what DDP expects).
         """
-        if self.cfg.ibot.loss_weight <= 0:
+        if self.ibot_cfg.loss_weight <= 0:
             return side["dino_head"](cls), None
         if "ibot_head" in side:
             return side["dino_head"](cls), side["ibot_head"](patches)
@@ -102,7 +122,7 @@ class SSLMetaArch(nn.Module):
 
     def _center(self, logits: torch.Tensor, temp: float, which: str) -> torch.Tensor:
         """Teacher logits [N, K] -> target probabilities [N, K] (fp32)."""
-        if self.cfg.teacher.centering == "sinkhorn_knopp":
+        if self.teacher_cfg.centering == "sinkhorn_knopp":
             return sinkhorn_knopp(logits, temp, n_iterations=3)
         center: EmaCenter = getattr(self, f"{which}_center")
         probs = center(logits, temp)
@@ -130,7 +150,7 @@ class SSLMetaArch(nn.Module):
         g, l = batch["global_crops"], batch["local_crops"]
         masks = self._student_masks(batch)
         backbone = self.student.backbone
-        if l.shape[0] and self.cfg.train.pack_crops:
+        if l.shape[0] and self.pack_crops:
             g_out, l_out = backbone([g, l], [masks, None], is_training=True)
             cls = torch.cat([g_out["x_norm_clstoken"], l_out["x_norm_clstoken"]])
         elif l.shape[0]:  # separate forwards: the baseline the packed pass is measured against
@@ -150,19 +170,19 @@ class SSLMetaArch(nn.Module):
 
     def compute_losses(self, student: dict, targets: dict, batch: dict) -> dict[str, torch.Tensor]:
         """Weighted loss terms (fp32): ``dino``, ``ibot``, ``koleo``; their sum is ``total``."""
-        c, temp = self.cfg, self.cfg.teacher.student_temp
+        dino, ibot, temp = self.dino_cfg, self.ibot_cfg, self.teacher_cfg.student_temp
         losses = {
-            "dino": c.dino.loss_weight
+            "dino": dino.loss_weight
             * dino_loss(student["dino_logits"], targets["dino"], student_temp=temp, ignore_diagonal=True)
         }
         if "ibot_logits" in student:
             n_images = batch["global_crops"].shape[0]
-            losses["ibot"] = c.ibot.loss_weight * ibot_loss(
+            losses["ibot"] = ibot.loss_weight * ibot_loss(
                 student["ibot_logits"], targets["ibot"], self._ibot_weights(batch), n_images, student_temp=temp
             )
-        if c.dino.koleo_loss_weight > 0:
+        if dino.koleo_loss_weight > 0:
             chunks = student["global_cls"].chunk(2)  # per global crop, as the official code
-            losses["koleo"] = c.dino.koleo_loss_weight * sum(koleo_loss(x) for x in chunks)
+            losses["koleo"] = dino.koleo_loss_weight * sum(koleo_loss(x) for x in chunks)
         losses["total"] = sum(losses.values())
         return _nonfinite_everywhere(losses)
 

@@ -109,7 +109,7 @@ def built(mode: str, precision: str = "fp32", seed: int = 0):
     """(meta, optimizer, cfg) of the test config, parallelised over the ranks."""
     torch.manual_seed(seed)
     cfg = make_cfg()
-    meta = SSLMetaArch(cfg)
+    meta = SSLMetaArch.from_config(cfg)
     parallelize(meta, mode, torch.device("cpu"), precision)
     return meta, build_optimizer(meta, cfg), cfg
 
@@ -181,7 +181,7 @@ def reference():
     """One process, the whole batch: (meta, optimizer, cfg); the same initial weights as the ranks'."""
     torch.manual_seed(0)
     cfg = make_cfg(koleo=0.0)  # PerHalfKoleo adds KoLeo itself
-    meta = PerHalfKoleo(cfg)
+    meta = PerHalfKoleo.from_config(cfg)
     return meta, build_optimizer(meta, cfg), cfg
 
 

@@ -59,7 +59,7 @@ def test_high_res_run_trains_at_the_new_size_with_compressed_schedules(source_ru
 def test_init_resamples_position_embeddings_and_keeps_every_other_weight(source_run):
     data, ckpt = source_run
     cfg = load_config("cpu", [*TINY, "crops.global_crops_size=24"], base={"data": {"path": data}})
-    meta = SSLMetaArch(cfg)
+    meta = SSLMetaArch.from_config(cfg)
     source = read_model_state(ckpt)
     load_meta_weights(meta, source)
     for key, value in meta.state_dict().items():
@@ -74,4 +74,4 @@ def test_weights_of_another_architecture_are_refused_in_one_line(source_run):
     data, ckpt = source_run
     cfg = load_config("cpu", [*TINY, "student.depth=3"], base={"data": {"path": data}})
     with pytest.raises(ValueError, match=r"does not fit this model: missing \['student.backbone.blocks.2"):
-        load_meta_weights(SSLMetaArch(cfg), read_model_state(ckpt))
+        load_meta_weights(SSLMetaArch.from_config(cfg), read_model_state(ckpt))

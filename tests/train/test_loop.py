@@ -83,7 +83,7 @@ def test_exported_teacher_loads_with_the_public_constructors(data, tmp_path):
     run = tmp_path / "run"
     cfg = tiny_cfg(data, "train.max_iters=2")
     train(cfg, run, progress=False)
-    meta = SSLMetaArch(cfg)
+    meta = SSLMetaArch.from_config(cfg)
     meta.load_state_dict(torch.load(run / "checkpoints" / "ckpt_0000002.pth", weights_only=True)["model"])
     exported = build_backbone("auto", weights=run / "teacher_backbone.safetensors").eval()
     x = torch.randn(2, 3, 16, 16)
@@ -152,7 +152,7 @@ def test_bad_config_is_one_line_before_any_work(tmp_path, capsys):
 
 def test_ema_update_formula():
     cfg = load_config("cpu", TINY)
-    meta = SSLMetaArch(cfg)
+    meta = SSLMetaArch.from_config(cfg)
     with torch.no_grad():
         for p in meta.student.parameters():
             p.add_(1.0)
@@ -181,7 +181,7 @@ def test_compile_without_a_cpp_compiler_is_one_clear_error(data, tmp_path, monke
 
 
 def test_varlen_attention_reaches_the_students_attention():
-    meta = SSLMetaArch(load_config("cpu", TINY + ["train.varlen_attention=true"]))
+    meta = SSLMetaArch.from_config(load_config("cpu", TINY + ["train.varlen_attention=true"]))
     assert all(blk.attn.varlen for blk in meta.student.backbone.blocks)
 
 

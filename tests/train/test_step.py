@@ -14,7 +14,7 @@ from tiny_run import TINY_RUN
 def _setup():
     cfg = load_config("cpu", [*TINY_RUN, "optim.epochs=2"])
     torch.manual_seed(0)
-    meta = SSLMetaArch(cfg)
+    meta = SSLMetaArch.from_config(cfg)
     g, l, n = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.global_crops_size // cfg.student.patch_size
     samples = [{"global_crops": [torch.randn(3, g, g) for _ in range(2)],
                 "local_crops": [torch.randn(3, l, l) for _ in range(cfg.crops.local_crops_number)]} for _ in range(4)]

@@ -104,13 +104,12 @@ def _center(meta, which):
     return None if module is None else module.center
 
 
-def official_losses(meta, batch, *, no_local_denominator="official"):
+def official_losses(meta, batch, cfg, *, no_local_denominator="official"):
     """Loss terms of the official ``forward_backward`` on ``batch``, from plain module calls.
 
     ``no_local_denominator``: with no local crops the official code divides the 2 global DINO pairs by
     ``2 + max(0, 1) = 3``; ``"pairs"`` divides by the number of pairs, 2 (dinov3, and dinolab's choice).
     """
-    cfg = meta.cfg
     centering = cfg.teacher.centering
     student, teacher = meta.student, meta.teacher
     shared = not cfg.ibot.separate_head
@@ -174,7 +173,7 @@ def _setup(centering, separate_head, pack, n_local):
     cfg = load_config("cpu", overrides)
     assert cfg.teacher.student_temp == STUDENT_TEMP
     torch.manual_seed(0)
-    meta = SSLMetaArch(cfg).double()
+    meta = SSLMetaArch.from_config(cfg).double()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a teacher some steps behind the student, a used mask token, a non-zero centre
         for p in meta.teacher.parameters():
@@ -189,18 +188,18 @@ def _setup(centering, separate_head, pack, n_local):
     batch = collate_crops(samples, mask_generator=MaskingGenerator((n, n), max_num_patches=0.5 * n * n),
                           n_tokens=n * n, dtype=torch.float64, rng=np.random.default_rng(0))
     assert 0 < int(batch["masks"].any(-1).sum()) < 2 * B and batch["masks"].sum() > 2  # masked and unmasked crops
-    return meta, batch
+    return meta, batch, cfg
 
 
 def _check_step(centering, separate_head, pack, n_local, no_local_denominator="official"):
-    meta, batch = _setup(centering, separate_head, pack, n_local)
-    ref, teacher_logits = official_losses(meta, batch, no_local_denominator=no_local_denominator)
+    meta, batch, cfg = _setup(centering, separate_head, pack, n_local)
+    ref, teacher_logits = official_losses(meta, batch, cfg, no_local_denominator=no_local_denominator)
     named = [(k, p) for k, p in meta.student.named_parameters() if p.requires_grad]
     ref_grads = torch.autograd.grad(ref["total"], [p for _, p in named], allow_unused=True)
     centers_before = {w: _center(meta, w).clone() for w in ("dino", "ibot")} if centering == "softmax" else {}
 
     sched = ScheduleValues(lr=1e-3, last_layer_lr=1e-3, weight_decay=0.04, momentum=0.99, teacher_temp=TEACHER_TEMP)
-    got = train_step(meta, build_optimizer(meta, meta.cfg), batch, sched, 0, precision="fp32", clip_grad=0.0,
+    got = train_step(meta, build_optimizer(meta, cfg), batch, sched, 0, precision="fp32", clip_grad=0.0,
                      keep_grads=True)
 
     assert set(got) == set(ref)
@@ -215,7 +214,7 @@ def _check_step(centering, separate_head, pack, n_local, no_local_denominator="o
                                    msg=lambda m, name=name: f"gradient of student.{name}: {m}")
     # official update_center, after the targets: c <- 0.9 c + 0.1 mean(teacher logits of the step): the 2B class
     # tokens (DINO), the masked patch tokens (iBOT)
-    m = meta.cfg.teacher.center_momentum
+    m = cfg.teacher.center_momentum
     for which, before in centers_before.items():
         expected = before * m + teacher_logits[which].mean(0, keepdim=True) * (1 - m)
         torch.testing.assert_close(_center(meta, which), expected, rtol=1e-5, atol=1e-7, msg=f"{which} centre")
