@@ -130,12 +130,14 @@ def embed(model: nn.Module, images: Sequence, pre: Preprocess, spec: FeatureSpec
     """Tokens of every image of ``images`` (paths, PIL images or uint8 arrays; see :class:`ModelInputs`).
 
     ``model`` is switched to eval mode. Unreadable files are skipped and reported in ``skipped``
-    (``tokens`` is empty when nothing was readable).
+    (``tokens`` is empty when nothing was readable). The global RNG is left as it was.
     """
     model.eval()
     if options.compile:
         compile_blocks([model], dynamic=None)  # shapes as torch.compile's default (dinolab extract --compile)
-    loader = DataLoader(ModelInputs(images, pre), batch_size=options.batch_size, num_workers=options.num_workers)
+    # A local generator: the loader's base seed would otherwise be drawn from (and advance) the global RNG.
+    loader = DataLoader(ModelInputs(images, pre), batch_size=options.batch_size, num_workers=options.num_workers,
+                        generator=torch.Generator())
     parts: dict[str, list[torch.Tensor]] = {}
     kept, skipped = [], []
     with tqdm(total=len(images), desc=options.desc, unit="img", disable=not options.progress, leave=False) as bar:

@@ -58,3 +58,11 @@ def test_unreadable_files_are_skipped_and_reported(model, tmp_path):
     assert got.kept == [0, 2, 3] and got.skipped == [1]
     alone = embed_batch(model, Preprocess((16, 16))(Image.open(paths[3]))[None])["cls"]
     torch.testing.assert_close(got.tokens["cls"][2], alone[0])
+
+
+def test_embedding_leaves_the_global_rng_alone(model):
+    """Training calls the k-NN monitor between steps: drawing from the global RNG would change the next crops."""
+    images = np.zeros((3, 16, 16, 3), np.uint8)
+    state = torch.get_rng_state()
+    embed(model, images, Preprocess((16, 16)), options=EmbedOptions(batch_size=2, progress=False))
+    assert torch.equal(torch.get_rng_state(), state)
