@@ -196,7 +196,8 @@ class CropsConfig:
 
     def __post_init__(self) -> None:
         for name in ("global_crops_size", "local_crops_size"):
-            _check(getattr(self, name) >= 1, f"crops.{name} must be a positive number of pixels, got {getattr(self, name)}")
+            size = getattr(self, name)
+            _check(size >= 1, f"crops.{name} must be a positive number of pixels, got {size}")
         _check_range("crops.global_crops_scale", self.global_crops_scale, 0.0, 1.0)
         _check_range("crops.local_crops_scale", self.local_crops_scale, 0.0, 1.0)
         _check(self.local_crops_number >= 0, f"crops.local_crops_number must be >= 0, got {self.local_crops_number}")

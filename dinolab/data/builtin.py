@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from dinolab.data.datasets import stratified_split
+from dinolab.data.splits import stratified_split
 
+BUILTIN_PREFIX = "builtin:"  # a data path naming an embedded set: builtin:digits
 BUILTIN_SETS = ("digits",)
 
 

@@ -10,6 +10,7 @@ happens with a broken file" are decided once:
 * a decompression bomb (more than ``2 * PIL.Image.MAX_IMAGE_PIXELS`` pixels), a truncated file or
   a file that is not an image raises :class:`UnreadableImageError` (an ``OSError``);
 * 16-bit and float images are scaled to 8 bits before the RGB conversion (:func:`to_rgb`);
+* in-memory arrays are checked and made uint8 [N, H, W, 3] by :func:`as_image_array`;
 * file names are whatever the OS gives (``str`` with ``surrogateescape`` for undecodable bytes):
   :func:`display_path` prints them, :func:`path_bytes` hashes them.
 """
@@ -259,6 +260,26 @@ def warn_skipped(skipped: list[str], what: str = "images", show: int = 3) -> Non
     warnings.warn(f"skipped {len(skipped)} unreadable {what}: {names}{more}", stacklevel=2)
 
 
-def to_uint8_array(image: Image.Image) -> np.ndarray:
-    """PIL image -> uint8 array [H, W, 3] (through :func:`to_rgb`)."""
-    return np.asarray(to_rgb(image), dtype=np.uint8)
+def as_image_array(array: np.ndarray, source: str) -> np.ndarray:
+    """Check and normalise an in-memory image array to uint8 [N, H, W, 3] (the one array validator).
+
+    Accepts [N, H, W, 3], [N, H, W, 1] and greyscale [N, H, W] (repeated to 3 channels), and
+    integer dtypes whose values lie in [0, 255]; a uint8 [N, H, W, 3] array is returned as is.
+
+    Raises:
+        ValueError: another shape, a float dtype, values outside [0, 255], or no image (one line
+            starting with ``source``).
+    """
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise ValueError(f"{source}: images must be [N, H, W, 3] or [N, H, W], got shape {array.shape}")
+    if len(array) == 0:
+        raise ValueError(f"no images in {source}: the array is empty")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.integer) or (array.size and (array.min() < 0 or array.max() > 255)):
+            raise ValueError(f"{source}: images must be uint8 in [0, 255], got dtype {array.dtype}")
+        array = array.astype(np.uint8)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return array

@@ -43,7 +43,8 @@ def collate_keyed(items: list[tuple[dict, int]], *, seed: int, **kwargs) -> dict
     return collate_crops(samples, rng=rng, **kwargs)
 
 
-def build_loader(cfg: Config, images: Dataset, rank: int = 0, world_size: int = 1) -> tuple[DataLoader, InfiniteSampler]:
+def build_loader(cfg: Config, images: Dataset, rank: int = 0,
+                 world_size: int = 1) -> tuple[DataLoader, InfiniteSampler]:
     """The endless training loader of ``cfg`` over ``images`` for one rank, and its sampler (for resume).
 
     Each batch holds ``train.batch_size_per_gpu`` multi-crop samples collated with iBOT masks on a

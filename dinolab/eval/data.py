@@ -1,13 +1,12 @@
 """Evaluation datasets: reading and checking the input formats of ``dinolab eval``.
 
-Formats (every problem is a one-line ``ValueError`` naming the input and what was expected):
+Formats (every problem is a one-line ``ValueError`` naming the input and what was expected; image
+arrays are checked by :func:`dinolab.data.images.as_image_array`, the one validator):
 
 ==============  ==============================================================================
-classification  ``.npz`` with ``x_train`` uint8 [N, H, W, 3], ``y_train`` int [N], ``x_test`` /
-                ``y_test`` and/or ``x_val`` / ``y_val``, optional ``class_names`` [C]
-                (as ``shared/data/cifar10`` and ``imagenette``); or a folder with ``train/``,
-                ``val/``, ``test/`` sub-folders, each holding one folder per class.
-segmentation    ``.npz`` with ``x_<split>`` uint8 [N, H, W, 3] and ``mask_<split>`` [N, H, W] for
+classification  a labelled set of :mod:`dinolab.data.labelled` with ``train`` and ``val`` and/or ``test``
+                (as ``shared/data/cifar10`` and ``imagenette``).
+segmentation    ``.npz`` with ``x_<split>`` images [N, H, W, 3] and ``mask_<split>`` [N, H, W] for
                 split in train / val / test, optional ``class_names`` and ``ignore_index`` (as
                 ``shared/data/camvid``); or a folder ``<split>/images/*`` + ``<split>/masks/*``
                 (masks are single-channel PNGs, matched to images by file stem).
@@ -25,76 +24,15 @@ retrieval       ``.npz`` with ``x_query`` [Q, H, W, 3], ``x_db`` [M, H, W, 3] an
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from dinolab.data.images import list_images, load_rgb
-
-SPLITS = ("train", "val", "test")
-
-
-# ---------------------------------------------------------------------------------------------- images
-@dataclass
-class ImageSet:
-    """Images held in memory (uint8 array [N, H, W, 3]) or as files (read lazily).
-
-    ``name`` says where they came from (used in messages); :attr:`fingerprint` identifies the
-    content for the feature cache (array bytes, or path + size + mtime of every file).
-    """
-
-    array: np.ndarray | None = None
-    paths: list[Path] | None = None
-    name: str = "images"
-    crop_boxes: list[tuple[int, int, int, int] | None] | None = None  # (x0, y0, x1, y1) per image
-
-    def __post_init__(self) -> None:
-        if (self.array is None) == (self.paths is None):
-            raise ValueError(f"{self.name}: give exactly one of an image array or a list of paths")
-        if self.array is not None:
-            check_image_array(self.array, self.name)
-
-    def __len__(self) -> int:
-        return len(self.array) if self.array is not None else len(self.paths)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        """Image ``i`` as uint8 [H, W, 3] (cropped to its box when one is given)."""
-        image = self.array[i] if self.array is not None else np.asarray(load_rgb(self.paths[i]))
-        box = self.crop_boxes[i] if self.crop_boxes is not None else None
-        if box is not None:
-            x0, y0, x1, y1 = (int(round(v)) for v in box)
-            image = image[max(y0, 0) : y1, max(x0, 0) : x1]
-        return image
-
-    @property
-    def native_size(self) -> tuple[int, int]:
-        """(H, W) of the first image (all images of an array share it)."""
-        return tuple(self[0].shape[:2])
-
-    @cached_property
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        if self.array is not None:
-            h.update(repr((self.array.shape, str(self.array.dtype))).encode())
-            h.update(np.ascontiguousarray(self.array).data)
-        else:
-            for p in self.paths:
-                st = p.stat()
-                h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        if self.crop_boxes is not None:
-            h.update(repr(self.crop_boxes).encode())
-        return h.hexdigest()[:32]
-
-
-def check_image_array(x: np.ndarray, name: str) -> None:
-    """Raise a one-line ValueError unless ``x`` is uint8 [N, H, W, 3] with N > 0."""
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3 or len(x) == 0:
-        raise ValueError(f"{name} must be a non-empty uint8 array [N, H, W, 3], got {x.dtype} {tuple(x.shape)}")
+from dinolab.data.images import as_image_array, list_images
+from dinolab.data.labelled import EXPECTED, SPLITS, ImageSet, LabelledImages, LabelledSet, read_labelled  # noqa: F401
 
 
 def _require(arrays: dict, key: str, source: str, expected: str) -> np.ndarray:
@@ -111,103 +49,16 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------- classification
-@dataclass
-class LabelledImages:
-    images: ImageSet
-    labels: np.ndarray  # int64 [N]
+ClassificationData = LabelledSet  # the protocols' name for a labelled set with an evaluation split
 
 
-@dataclass
-class ClassificationData:
-    """Splits (``train`` and at least one of ``val`` / ``test``) and class names."""
-
-    splits: dict[str, LabelledImages]
-    class_names: list[str]
-    source: str
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def split(self, name: str) -> LabelledImages:
-        if name not in self.splits:
-            raise ValueError(f"{self.source}: no {name!r} split (found {', '.join(self.splits)})")
-        return self.splits[name]
-
-    @property
-    def eval_split(self) -> str:
-        """The split results are reported on: ``test`` when present, else ``val``."""
-        return "test" if "test" in self.splits else "val"
-
-
-CLASSIFICATION_EXPECTED = "classification npz needs x_train, y_train and x_test/y_test and/or x_val/y_val"
-
-
-def load_classification(path: str | Path) -> ClassificationData:
-    """Read a classification ``.npz`` or class-per-folder directory (see module docstring)."""
-    path = Path(path)
-    data = _classification_from_dir(path) if path.is_dir() else _classification_from_npz(path)
-    _check_classification(data)
+def load_classification(path: str | Path) -> LabelledSet:
+    """Read a classification ``.npz`` or class-per-folder directory (:func:`dinolab.data.labelled.read_labelled`)
+    that holds ``train`` and at least one of ``val`` / ``test``."""
+    data = read_labelled(Path(path))
+    if not {"val", "test"} & set(data.splits):
+        raise ValueError(f"{data.source}: missing splits ({EXPECTED}); found {sorted(data.splits)}")
     return data
-
-
-def _classification_from_npz(path: Path) -> ClassificationData:
-    arrays = _read_npz(path)
-    splits = {}
-    for split in SPLITS:
-        if f"x_{split}" not in arrays and f"y_{split}" not in arrays:
-            continue
-        x = _require(arrays, f"x_{split}", str(path), CLASSIFICATION_EXPECTED)
-        y = _require(arrays, f"y_{split}", str(path), CLASSIFICATION_EXPECTED)
-        splits[split] = LabelledImages(ImageSet(array=x, name=f"{path.name}:x_{split}"), _as_labels(y, path, split))
-    if "class_names" in arrays:
-        names = [str(s) for s in arrays["class_names"]]
-    else:
-        names = [str(i) for i in range(int(max(s.labels.max() for s in splits.values())) + 1)] if splits else []
-    return ClassificationData(splits, names, str(path))
-
-
-def _as_labels(y: np.ndarray, path: Path, split: str) -> np.ndarray:
-    if y.ndim != 1 or y.dtype.kind not in "iu":
-        raise ValueError(f"{path}: y_{split} must be a 1-D integer array, got {y.dtype} {tuple(y.shape)}")
-    return y.astype(np.int64)
-
-
-def _classification_from_dir(root: Path) -> ClassificationData:
-    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
-    if "train" not in split_dirs:
-        raise ValueError(f"{root}: expected sub-folders train/ and test/ (or val/), each with one folder per class")
-    class_names = sorted(d.name for d in split_dirs["train"].iterdir() if d.is_dir())
-    if not class_names:
-        raise ValueError(f"{root / 'train'}: no class folders found")
-    index = {name: i for i, name in enumerate(class_names)}
-    splits = {}
-    for split, d in split_dirs.items():
-        paths, labels = [], []
-        for cls_dir in sorted(p for p in d.iterdir() if p.is_dir()):
-            if cls_dir.name not in index:
-                raise ValueError(f"{cls_dir}: class {cls_dir.name!r} does not exist in {root / 'train'}")
-            found = list_images(cls_dir)
-            paths += found
-            labels += [index[cls_dir.name]] * len(found)
-        if not paths:
-            raise ValueError(f"{d}: no images found in its class folders")
-        splits[split] = LabelledImages(ImageSet(paths=paths, name=str(d)), np.array(labels, dtype=np.int64))
-    return ClassificationData(splits, class_names, str(root))
-
-
-def _check_classification(data: ClassificationData) -> None:
-    if "train" not in data.splits or not ({"val", "test"} & set(data.splits)):
-        raise ValueError(f"{data.source}: missing splits ({CLASSIFICATION_EXPECTED}); found {sorted(data.splits)}")
-    c = data.num_classes
-    for split, s in data.splits.items():
-        if len(s.labels) != len(s.images):
-            raise ValueError(f"{data.source}: {split} has {len(s.images)} images but {len(s.labels)} labels")
-        if s.labels.min() < 0 or s.labels.max() >= c:
-            raise ValueError(
-                f"{data.source}: y_{split} holds labels in {s.labels.min()}..{s.labels.max()}, expected 0..{c - 1}"
-                f" ({c} classes)"
-            )
 
 
 # ---------------------------------------------------------------------------------------------- segmentation
@@ -251,15 +102,11 @@ def load_segmentation(
     if ignore_index is not None:
         data.ignore_index = ignore_index
     if not data.class_names:
-        n = num_classes or 1 + max(int(m[m != data.ignore_index].max(initial=0)) for m in _all_masks(data))
+        masks = (m for split in data.splits.values() for m in split.masks)
+        n = num_classes or 1 + max(int(m[m != data.ignore_index].max(initial=0)) for m in masks)
         data.class_names = [str(i) for i in range(n)]
     _check_segmentation(data)
     return data
-
-
-def _all_masks(data: SegmentationData):
-    for s in data.splits.values():
-        yield from s.masks
 
 
 def _segmentation_from_npz(path: Path) -> SegmentationData:
@@ -369,7 +216,7 @@ def _depth_split(arrays: dict, split: str, source: str) -> DepthSplit:
     x = _require(arrays, f"x_{split}", source, DEPTH_EXPECTED)
     key = f"depth_{split}_m" if f"depth_{split}_m" in arrays else f"depth_{split}"
     d = _require(arrays, key, source, DEPTH_EXPECTED)
-    check_image_array(x, f"{source}:x_{split}")
+    x = as_image_array(x, f"{source}:x_{split}")
     if d.shape != x.shape[:3] or d.dtype.kind != "f":
         raise ValueError(f"{source}: {key} must be float [N, H, W] = {x.shape[:3]} in metres, got {d.dtype} {d.shape}")
     if np.isnan(d).any() or (d < 0).any():
@@ -389,10 +236,6 @@ class RetrievalData:
     gnd: list[dict[str, np.ndarray]]  # per query: "easy", "hard", "junk" -> int64 index arrays
     source: str
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def has_hard(self) -> bool:
-        return any(len(g["hard"]) for g in self.gnd)
 
 
 RETRIEVAL_EXPECTED = "retrieval npz needs x_query, x_db and relevance [Q, M] (1 easy, 2 hard, -1 junk, 0 negative)"

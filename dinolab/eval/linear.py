@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from dinolab.data.splits import split_holdout
 from dinolab.eval.data import ClassificationData
 from dinolab.eval.features import classification_preprocess, global_spec, keeps_global_rng
 from dinolab.features.cache import FeatureConfig, extract
@@ -160,13 +161,6 @@ def grid_accuracies(grid: LinearGrid, cls: torch.Tensor, patch_mean: torch.Tenso
     return torch.tensor(
         [[topk_accuracy(lg[:, i], labels, k) for i in range(lg.shape[1])] for lg in grid(cls, patch_mean)]
     )
-
-
-def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train indices, held-out indices) with ``round(fraction * n)`` held out."""
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(fraction * n))
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 @keeps_global_rng

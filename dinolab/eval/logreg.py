@@ -30,7 +30,7 @@ from dinolab.eval.data import ClassificationData
 from dinolab.eval.features import classification_preprocess, global_spec
 from dinolab.features.cache import FeatureConfig, extract
 from dinolab.utils.runtime import resolve_device
-from dinolab.eval.linear import split_holdout
+from dinolab.data.splits import split_holdout
 from dinolab.eval.metrics import confusion_matrix, topk_accuracy
 
 

@@ -19,7 +19,6 @@ from dinolab.data.datasets import (
     MultiCropDataset,
     open_dataset,
     open_labelled,
-    stratified_split,
 )
 
 
@@ -165,16 +164,6 @@ def test_manifest_without_path_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "m.jsonl").write_text('{"file": "a.png"}\n')
     with pytest.raises(ValueError, match="record 1 has no 'path'"):
         open_dataset(tmp_path / "m.jsonl")
-
-
-def test_stratified_split_counts_and_determinism() -> None:
-    labels = np.array([0] * 9 + [1] * 6 + [2] * 1)
-    train, test = stratified_split(labels, 1 / 3, seed=0)
-    # round(9/3) = 3 and round(6/3) = 2 go to test; a singleton class stays in train.
-    assert np.bincount(labels[test], minlength=3).tolist() == [3, 2, 0]
-    assert sorted(np.concatenate([train, test]).tolist()) == list(range(16))
-    again = stratified_split(labels, 1 / 3, seed=0)
-    assert np.array_equal(train, again[0]) and np.array_equal(test, again[1])
 
 
 def test_labelled_npz_with_and_without_test_split(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ def _images(n: int, h: int = 8, w: int = 8) -> np.ndarray:
         (dict(x_train=_images(4), y_train=np.zeros(4, int), x_test=_images(2)), "missing array 'y_test'"),
         (dict(x_train=_images(4), y_train=np.zeros(4, int)), "missing splits"),
         (dict(x_train=np.zeros((4, 8, 8, 3), np.float32), y_train=np.zeros(4, int), x_test=_images(2),
-              y_test=np.zeros(2, int)), "uint8 array [N, H, W, 3]"),
+              y_test=np.zeros(2, int)), "x_train: images must be uint8 in [0, 255], got dtype float32"),
         (dict(x_train=_images(4), y_train=np.zeros(3, int), x_test=_images(2), y_test=np.zeros(2, int)),
          "4 images but 3 labels"),
         (dict(x_train=_images(4), y_train=np.array([0, 1, 2, 0]), x_test=_images(2), y_test=np.array([0, 3]),

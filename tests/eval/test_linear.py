@@ -14,7 +14,6 @@ from dinolab.eval.linear import (
     LinearGrid,
     cosine_factor,
     probe_from_features,
-    split_holdout,
     train_grid,
 )
 
@@ -73,12 +72,6 @@ def test_cosine_factor_endpoints():
     assert cosine_factor(0, 100) == 1.0
     assert math.isclose(cosine_factor(50, 100), 0.5)
     assert math.isclose(cosine_factor(100, 100), 0.0, abs_tol=1e-12)
-
-
-def test_split_holdout_is_a_disjoint_cover():
-    keep, held = split_holdout(50, 0.1, seed=3)
-    assert len(held) == 5 and len(keep) == 45
-    assert np.array_equal(np.sort(np.concatenate([keep, held])), np.arange(50))
 
 
 def test_run_on_tiny_model_with_augmented_views(tiny_model, classification_npz, feature_cfg):
