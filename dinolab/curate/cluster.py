@@ -6,7 +6,7 @@ sample), each rank holding the sample rows of its own chunks, with centroid sums
 all-reduced per iteration (:func:`sharded_kmeans`); every row is then assigned to its most similar
 centroid, one chunk per resumable shard, each rank its own chunks. Memory per rank: its part of the
 sample, the ``k x D`` centroids and integer sums, one chunk; on rank 0 the per-row results
-(12 bytes x N) for retrieval. :func:`spherical_kmeans` (Faiss, one process) serves hierarchical k-means.
+(12 bytes x N) for retrieval. :func:`lloyd` also serves hierarchical k-means.
 
 Stage folder: ``centroids.npy`` [K, D] and one shard per chunk with ``rows``, ``cluster``, ``sim``.
 """
@@ -20,10 +20,9 @@ import numpy as np
 
 from dinolab.curate import collective
 from dinolab.curate.collective import fixed_point
-from dinolab.curate.index import gpu_available
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import EmbeddingStore, l2_normalize
-from dinolab.io import atomic_path
+from dinolab.utils.io import atomic_path
 
 
 @dataclass
@@ -35,7 +34,7 @@ class KMeansConfig:
         n_iter: Lloyd iterations.
         max_points_per_centroid: training sample size per centroid (Faiss's default is 256).
         seed: sampling and initialisation seed.
-        use_gpu: train on GPU when faiss has GPU support.
+        use_gpu: unused (exact-integer Lloyd on CPU, :func:`lloyd`; kept so that configs still load).
     """
 
     n_clusters: int = 0
@@ -72,41 +71,6 @@ class ClusterAssignment:
         return lookup
 
 
-def spherical_kmeans(
-    x: np.ndarray,
-    k: int,
-    n_iter: int = 20,
-    seed: int = 0,
-    init_centroids: np.ndarray | None = None,
-    use_gpu: bool = True,
-    max_points_per_centroid: int = 256,
-) -> np.ndarray:
-    """Faiss spherical k-means (centroids renormalised after every update).
-
-    Args:
-        x: [M, D] unit vectors (all used if ``M <= max_points_per_centroid * k``, else subsampled).
-        k: clusters (at most M).
-        init_centroids: [k, D] starting centroids (warm start); default random points.
-
-    Returns:
-        centroids [k, D] float32, unit norm.
-    """
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    kmeans = faiss.Kmeans(
-        x.shape[1],
-        int(k),
-        niter=n_iter,
-        spherical=True,
-        seed=seed,
-        gpu=bool(use_gpu and gpu_available()),
-        max_points_per_centroid=max_points_per_centroid,
-        verbose=False,
-    )
-    init = None if init_centroids is None else np.ascontiguousarray(init_centroids, dtype=np.float32)
-    kmeans.train(x, init_centroids=init)
-    return l2_normalize(kmeans.centroids)
-
-
 def assign(centroids: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Most similar centroid of each vector.
 
@@ -140,43 +104,107 @@ def assign_chunk(store: EmbeddingStore, index: int, rows: np.ndarray, centroids:
     return {"rows": chunk_rows, "cluster": cluster, "sim": np.asarray(sim, dtype=np.float32)}
 
 
-def _sample_by_chunk(store: EmbeddingStore, sample: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(positions in ``sample``, embeddings) of the sample rows in each of this rank's chunks."""
+def _sample_by_chunk(store: EmbeddingStore, sample: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(chunk, positions in ``sample``, embeddings) of the sample rows in each of this rank's chunks."""
     parts = []
     for chunk in collective.my_chunks(store.num_chunks()):
         start, emb = store.chunk(chunk)
         lo, hi = np.searchsorted(sample, [start, start + len(emb)])
         if hi > lo:
-            parts.append((np.arange(lo, hi), emb[sample[lo:hi] - start]))
+            parts.append((chunk, np.arange(lo, hi), emb[sample[lo:hi] - start]))
     return parts
 
 
-def sharded_kmeans(store: EmbeddingStore, rows: np.ndarray, cfg: KMeansConfig) -> np.ndarray:
-    """Spherical k-means of a sample of ``rows``, each rank holding the sample rows of its own chunks.
+def kmeans_plus_plus(store: EmbeddingStore, sample: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) over the sorted pool rows ``sample``, collective.
 
-    Lloyd iterations as in facebookresearch/ssl-data-curation: each rank assigns its sample rows to the
-    nearest centroid chunk by chunk, centroid sums and counts are all-reduced, and the new centroid is
-    the normalised sum (a cluster left empty keeps its centroid). The sums are exact integer sums
-    (:func:`~dinolab.curate.collective.fixed_point`), and every assignment is computed on the same
-    chunk of rows whatever the number of ranks, so the centroids are byte-identical for any W.
-    Initialisation: ``k`` sample rows drawn with ``cfg.seed``.
+    Each rank keeps, for the sample rows of its own chunks, the cosine to the nearest centre chosen so far;
+    the next centre is drawn with probability proportional to ``1 - cosine`` (half the squared distance of
+    unit vectors). The draw walks the per-chunk weight sums in chunk order (each chunk's sum comes from its
+    owner alone, so the all-reduce is exact) and the owner of the chosen chunk sends the row to all, so the
+    centres do not depend on the number of ranks. Cost: ``k`` passes over this rank's sample rows.
+
+    Returns:
+        centres [k, D] float32 (on every rank).
+    """
+    parts = _sample_by_chunk(store, sample)
+    rng = np.random.default_rng(seed)
+    owned = {chunk: j for j, (chunk, _, _) in enumerate(parts)}
+    nearest = [np.full(len(positions), -np.inf, np.float32) for _, positions, _ in parts]
+    centres = np.zeros((k, store.dim), np.float32)
+    position = int(rng.integers(len(sample)))  # the first centre: a uniform draw
+    for i in range(k):
+        chunk = int(np.searchsorted(store.chunk_offsets(), sample[position], side="right") - 1)
+        row = None
+        if chunk in owned:
+            _, positions, emb = parts[owned[chunk]]
+            row = emb[position - positions[0]]
+        centres[i] = collective.broadcast(row, src=chunk % collective.world_size())
+        if i == k - 1:
+            break
+        weights = np.zeros(store.num_chunks())
+        for j, (chunk, _, emb) in enumerate(parts):
+            nearest[j] = np.maximum(nearest[j], emb @ centres[i])
+            weights[chunk] = np.maximum(0.0, 1.0 - nearest[j].astype(np.float64)).sum()
+        weights = collective.all_reduce_sum(weights)
+        total = np.cumsum(weights)
+        if total[-1] <= 0:  # every sample row is a centre already
+            position = int(rng.integers(len(sample)))
+            continue
+        u = rng.random() * total[-1]
+        chunk = int(min(np.searchsorted(total, u, side="right"), len(total) - 1))
+        found = None
+        if chunk in owned:
+            _, positions, _ = parts[owned[chunk]]
+            within = np.cumsum(np.maximum(0.0, 1.0 - nearest[owned[chunk]].astype(np.float64)))
+            found = int(positions[min(np.searchsorted(within, u - (total[chunk] - weights[chunk]), side="right"),
+                                      len(within) - 1)])
+        position = collective.broadcast(found, src=chunk % collective.world_size())
+    return centres
+
+
+def sharded_kmeans(store: EmbeddingStore, rows: np.ndarray, cfg: KMeansConfig) -> np.ndarray:
+    """Spherical k-means of a sample of ``rows`` (``max_points_per_centroid x k`` rows drawn with ``cfg.seed``),
+    each rank holding the sample rows of its own chunks (:func:`lloyd`).
 
     Returns:
         centroids [k, D] float32, unit norm (on every rank).
     """
     k = cfg.resolved_k(len(rows))
-    sample = sample_rows(rows, k * cfg.max_points_per_centroid, cfg.seed)
+    return lloyd(store, sample_rows(rows, k * cfg.max_points_per_centroid, cfg.seed), k, cfg.n_iter, cfg.seed)
+
+
+def lloyd(
+    store: EmbeddingStore, sample: np.ndarray, k: int, n_iter: int, seed: int, init: np.ndarray | None = None
+) -> np.ndarray:
+    """Spherical Lloyd iterations over the sorted pool rows ``sample``, collective under torchrun.
+
+    As in facebookresearch/ssl-data-curation: each rank assigns the sample rows of its own chunks to the
+    nearest centroid chunk by chunk, centroid sums and counts are all-reduced, and the new centroid is the
+    normalised sum (a cluster left empty keeps its centroid). The sums are exact integer sums
+    (:func:`~dinolab.curate.collective.fixed_point`), and every assignment is computed on the same chunk
+    of rows whatever the number of ranks, so the centroids are byte-identical for any W.
+
+    Args:
+        init: [k, D] starting centroids (the same on every rank); default ``k`` sample rows drawn with ``seed``.
+
+    Returns:
+        centroids [k, D] float32, unit norm (on every rank).
+    """
     parts = _sample_by_chunk(store, sample)
-    init = np.sort(np.random.default_rng(cfg.seed).choice(len(sample), size=k, replace=False))
-    centroids = np.zeros((k, store.dim), np.int64)
-    for positions, emb in parts:
-        hit = np.isin(init, positions)
-        centroids[hit] = fixed_point(emb[init[hit] - positions[0]])
-    centroids = l2_normalize(collective.all_reduce_sum(centroids).astype(np.float64) / collective.FIXED_POINT)
-    for _ in range(cfg.n_iter):
+    if init is None:
+        draw = np.sort(np.random.default_rng(seed).choice(len(sample), size=k, replace=False))
+        centroids = np.zeros((k, store.dim), np.int64)
+        for _, positions, emb in parts:
+            hit = np.isin(draw, positions)
+            centroids[hit] = fixed_point(emb[draw[hit] - positions[0]])
+        centroids = l2_normalize(collective.all_reduce_sum(centroids).astype(np.float64) / collective.FIXED_POINT)
+    else:
+        centroids = np.array(init, dtype=np.float32)
+    for _ in range(n_iter):
         sums = np.zeros((k, store.dim), np.int64)
         counts = np.zeros(k, np.int64)
-        for _, emb in parts:
+        for _, _, emb in parts:
             cluster, _ = assign(centroids, emb)
             np.add.at(sums, cluster, fixed_point(emb))
             counts += np.bincount(cluster, minlength=k)

@@ -37,12 +37,12 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (picklable objects)."""
+def broadcast(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (picklable objects)."""
     if not initialised():
         return obj
     box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
+    torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -52,6 +52,15 @@ def all_gather(obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def gather(obj: Any) -> list[Any] | None:
+    """``[obj of rank 0, obj of rank 1, ...]`` on rank 0, ``None`` elsewhere (picklable objects)."""
+    if not initialised():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size() if dist_env()[0] == 0 else None
+    torch.distributed.gather_object(obj, out, dst=0)
     return out
 
 

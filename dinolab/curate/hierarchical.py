@@ -3,7 +3,8 @@
 Level 1 clusters the pool rows; level l > 1 clusters the centroids of level l - 1. At each level,
 when its sample size r > 1, ``resampling_steps`` times: take the r members closest to every
 centroid, rerun k-means on this balanced set (warm-started from the current centroids; the
-reference code re-initialises with k-means++), and reassign all members. This pulls the centroids
+reference code re-initialises with k-means++, used here for the first run of each level), and
+reassign all members. This pulls the centroids
 towards a uniform cover of the data instead of its dense modes.
 
 Balanced sampling spreads a target size over the top-level clusters as evenly as their sizes
@@ -13,8 +14,13 @@ random) members. Reference defaults for web images (``cur:configs/4levels_web_ba
 clusters {100k x 100 split, 500k, 50k, 10k}, resampling steps {1, 10, 10, 10}, sample sizes
 {1, 10, 5, 3}, 50 iterations, closest-to-centroid sampling.
 
-Memory: level 1 as :mod:`dinolab.curate.cluster` (plus, per resampling step, the gathered
-``k x r x D`` floats); upper levels hold only centroids.
+Under ``torchrun`` level 1 is distributed like the pool k-means (:func:`~dinolab.curate.cluster.lloyd`:
+each rank its own chunks, centroid sums and counts all-reduced per iteration as exact integers), and so
+are its resampling steps and the leaf sampling: each rank proposes its best members per cluster, the
+proposals are gathered and the choice made again. The upper levels (centroids only) run on every rank
+alike. Results are byte-identical for any number of ranks. Memory per rank: the level-1 sample rows and
+assignment of its own chunks, the centroids, the gathered proposals (``k x r`` rows per resampling step,
+the sample itself at the end, on rank 0).
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dinolab.curate.cluster import assign, sample_rows, spherical_kmeans, take_per_cluster
+from dinolab.curate import collective
+from dinolab.curate.cluster import assign, kmeans_plus_plus, lloyd, rank_in_group, sample_rows
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import ArrayEmbeddings, EmbeddingStore
-from dinolab.io import atomic_save_npz
+from dinolab.utils.io import atomic_save_npz
 
 
 @dataclass
@@ -41,8 +48,8 @@ class HierarchicalConfig:
         max_points_per_centroid: level-1 training sample per centroid.
         sampling: leaf sampling, ``closest`` or ``random``.
         target_size: images to sample; 0 = half of the clustered rows.
-        seed: seed for sampling and k-means.
-        use_gpu: train on GPU when faiss has GPU support.
+        seed: seed for sampling and k-means (``random`` sampling keys each row by it, :func:`row_keys`).
+        use_gpu: unused (k-means here is exact-integer Lloyd on CPU; kept so that configs still load).
     """
 
     n_clusters: list[int] = field(default_factory=lambda: [1000, 100, 10])
@@ -66,53 +73,90 @@ class HierarchicalConfig:
 
 @dataclass
 class Level:
-    """One level of the hierarchy.
+    """One level of the hierarchy, as this rank holds it.
 
     Attributes:
-        centroids: [K_l, D] unit centroids.
-        assignment: [M_l] cluster of each item below (pool rows for level 1, level l-1 clusters above).
+        centroids: [K_l, D] unit centroids (the same on every rank).
+        rows: [M_l] the items clustered: at level 1 the pool rows of this rank's chunks, above it every
+            cluster of level l - 1.
+        assignment: [M_l] cluster of each item.
         sim: [M_l] similarity of each item to its centroid.
+        sharded: the items are split over the ranks (level 1) rather than held by all.
     """
 
     centroids: np.ndarray
+    rows: np.ndarray
     assignment: np.ndarray
     sim: np.ndarray
+    sharded: bool
 
 
-def _assign_store(store: EmbeddingStore, rows: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Stream ``rows`` of ``store`` and assign them: cluster [M], sim [M]."""
-    cluster = np.empty(len(rows), dtype=np.int64)
-    sim = np.empty(len(rows), dtype=np.float32)
-    for start, emb in store.iter_chunks():
+def _assign_rows(store: EmbeddingStore, rows: np.ndarray, centroids: np.ndarray, chunks: list[int]) -> tuple:
+    """Assign the ``rows`` of ``store`` that fall in ``chunks``: (rows [m], cluster [m], sim [m])."""
+    found = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))]
+    for chunk in chunks:
+        start, emb = store.chunk(chunk)
         lo, hi = np.searchsorted(rows, [start, start + len(emb)])
         if hi > lo:
-            cluster[lo:hi], sim[lo:hi] = assign(centroids, emb[rows[lo:hi] - start])
-    return cluster, sim
+            found.append((rows[lo:hi], *assign(centroids, emb[rows[lo:hi] - start])))
+    return tuple(np.concatenate(parts) for parts in zip(*found, strict=True))
+
+
+def select_per_cluster(level: Level, quota: np.ndarray, key: np.ndarray, to_root: bool = False) -> tuple:
+    """The ``quota[c]`` items of every cluster c with the smallest ``key`` (ties: lowest item), over all ranks.
+
+    Each rank keeps its own best candidates per cluster; the candidates of all ranks are gathered and the
+    choice made again, so it does not depend on the number of ranks.
+
+    Args:
+        level: a :class:`Level`.
+        quota: [K] items wanted per cluster.
+        key: [M_l] sort key of each of this rank's items.
+        to_root: gather to rank 0 only (the others get ``None, None``) instead of to every rank.
+
+    Returns:
+        items [S] (sorted) and their similarities [S].
+    """
+    def best(items, cluster, sim, k):
+        picked = np.nonzero(rank_in_group(cluster, k) < quota[cluster])[0] if len(items) else np.zeros(0, np.int64)
+        return items[picked], cluster[picked], sim[picked], k[picked]
+
+    mine = best(level.rows, level.assignment, level.sim, key)
+    if not level.sharded:
+        return mine[0], mine[2]
+    gathered = collective.gather(mine) if to_root else collective.all_gather(mine)
+    if gathered is None:
+        return None, None
+    items, cluster, sim, k = (np.concatenate(parts) for parts in zip(*gathered, strict=True))
+    order = np.argsort(items, kind="stable")  # ties by item: rank_in_group breaks them by position
+    items, _, sim, _ = best(items[order], cluster[order], sim[order], k[order])
+    return items, sim
 
 
 def kmeans_level(
-    store: EmbeddingStore, rows: np.ndarray, k: int, steps: int, sample_size: int, cfg: HierarchicalConfig
+    store: EmbeddingStore, rows: np.ndarray, k: int, steps: int, sample_size: int, cfg: HierarchicalConfig,
+    sharded: bool,
 ) -> Level:
-    """k-means of ``rows`` of ``store`` with resampling steps (see the module docstring)."""
+    """k-means of ``rows`` of ``store`` with resampling steps (see the module docstring), collective."""
     k = max(1, min(k, len(rows)))
-    train = store.gather(sample_rows(rows, k * cfg.max_points_per_centroid, cfg.seed))
-    centroids = spherical_kmeans(train, k, cfg.n_iter, cfg.seed, None, cfg.use_gpu, cfg.max_points_per_centroid)
-    cluster, sim = _assign_store(store, rows, centroids)
+    chunks = collective.my_chunks(store.num_chunks()) if sharded else list(range(store.num_chunks()))
+    sample = sample_rows(rows, k * cfg.max_points_per_centroid, cfg.seed)
+    centroids = lloyd(store, sample, k, cfg.n_iter, cfg.seed, init=kmeans_plus_plus(store, sample, k, cfg.seed))
+    level = Level(centroids, *_assign_rows(store, rows, centroids, chunks), sharded=sharded)
     for _ in range(steps if sample_size > 1 else 0):
-        closest = take_per_cluster(cluster, sim, np.full(k, sample_size), "closest")
-        centroids = spherical_kmeans(
-            store.gather(rows[closest]), k, cfg.n_iter, cfg.seed, centroids, cfg.use_gpu, cfg.max_points_per_centroid
-        )
-        cluster, sim = _assign_store(store, rows, centroids)
-    return Level(centroids, cluster, sim)
+        closest, _ = select_per_cluster(level, np.full(k, sample_size), -level.sim.astype(np.float64))
+        centroids = lloyd(store, closest, k, cfg.n_iter, cfg.seed, init=centroids)
+        level = Level(centroids, *_assign_rows(store, rows, centroids, chunks), sharded=sharded)
+    return level
 
 
 def hierarchical_kmeans(store: EmbeddingStore, rows: np.ndarray, cfg: HierarchicalConfig) -> list[Level]:
-    """All levels, bottom up; level 1 clusters ``rows`` (sorted pool rows) of ``store``."""
+    """All levels, bottom up; level 1 clusters ``rows`` (sorted pool rows) of ``store``, each rank those of its
+    own chunks (sums all-reduced per iteration); the upper levels cluster the centroids below, on every rank."""
     levels: list[Level] = []
     level_store, level_rows = store, np.asarray(rows, dtype=np.int64)
     for k, steps, sample_size in zip(cfg.n_clusters, cfg.resampling_steps, cfg.sample_sizes, strict=True):
-        levels.append(kmeans_level(level_store, level_rows, k, steps, sample_size, cfg))
+        levels.append(kmeans_level(level_store, level_rows, k, steps, sample_size, cfg, sharded=not levels))
         centroids = levels[-1].centroids
         level_store, level_rows = ArrayEmbeddings(centroids), np.arange(len(centroids), dtype=np.int64)
     return levels
@@ -148,23 +192,36 @@ def split_target(sizes: np.ndarray, target: int, rng: np.random.Generator) -> np
     return quota
 
 
-def balanced_sample(levels: list[Level], rows: np.ndarray, cfg: HierarchicalConfig) -> np.ndarray:
-    """Balanced sample of pool rows from the hierarchy (module docstring).
+def row_keys(rows: np.ndarray, seed: int) -> np.ndarray:
+    """A pseudo-random key in [0, 1) for every pool row (splitmix64 of row and seed): the same for a row
+    whichever rank holds it, so random sampling does not depend on the number of ranks."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(rows, np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def balanced_sample(levels: list[Level], cfg: HierarchicalConfig) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Balanced sample of pool rows from the hierarchy (module docstring), collective.
 
     Args:
         levels: from :func:`hierarchical_kmeans`.
-        rows: [M] pool rows clustered at level 1 (same order as ``levels[0].assignment``).
         cfg: ``target_size``, ``sampling`` and ``seed``.
 
     Returns:
-        Sorted pool rows [S] int64.
+        sorted pool rows [S] int64 and their similarity to their level-1 centroid [S], on rank 0
+        (``None, None`` on the others).
     """
+    if cfg.sampling not in ("closest", "random"):
+        raise ValueError(f"sampling strategy must be 'closest' or 'random', got {cfg.sampling!r}")
     rng = np.random.default_rng(cfg.seed)
-    target = cfg.target_size or len(rows) // 2
-    sizes = [np.bincount(levels[0].assignment, minlength=len(levels[0].centroids))]
+    bottom = levels[0]
+    sizes = [collective.all_reduce_sum(np.bincount(bottom.assignment, minlength=len(bottom.centroids)))]
     for level in levels[1:]:
         sizes.append(np.bincount(level.assignment, weights=sizes[-1], minlength=len(level.centroids)).astype(np.int64))
-    quota = split_target(sizes[-1], target, rng)
+    quota = split_target(sizes[-1], cfg.target_size or int(sizes[0].sum()) // 2, rng)
     for depth in range(len(levels) - 1, 0, -1):
         parent_of_child = levels[depth].assignment
         child_quota = np.zeros(len(parent_of_child), dtype=np.int64)
@@ -172,28 +229,37 @@ def balanced_sample(levels: list[Level], rows: np.ndarray, cfg: HierarchicalConf
             children = np.nonzero(parent_of_child == parent)[0]
             child_quota[children] = split_target(sizes[depth - 1][children], int(quota[parent]), rng)
         quota = child_quota
-    picked = take_per_cluster(levels[0].assignment, levels[0].sim, quota, cfg.sampling, cfg.seed)
-    return np.sort(np.asarray(rows, dtype=np.int64)[picked])
+    key = -bottom.sim.astype(np.float64) if cfg.sampling == "closest" else row_keys(bottom.rows, cfg.seed)
+    return select_per_cluster(bottom, quota, key, to_root=True)
 
 
-def run_hierarchical(store: EmbeddingStore, rows: np.ndarray, cfg: HierarchicalConfig, stage: Stage) -> np.ndarray:
-    """Hierarchical k-means + balanced sampling as one stage (recomputed whole if interrupted).
+def run_hierarchical(
+    store: EmbeddingStore, rows: np.ndarray, cfg: HierarchicalConfig, stage: Stage
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Hierarchical k-means + balanced sampling as one stage (collective; recomputed whole if interrupted).
 
-    Writes ``levels.npz`` (``centroids_l``, ``assignment_l``, ``sim_l`` per level l = 1..L) and
-    ``sample.npz`` (``rows``). Returns the sampled pool rows.
+    Rank 0 writes ``levels.npz`` (``centroids_l`` per level l = 1..L, ``assignment_l`` and ``sim_l`` of the
+    clusters below for l >= 2) and ``sample.npz`` (``rows``, ``sims``); the level-1 assignment of the pool
+    rows stays split over the ranks (no per-row array of the whole pool on any rank).
+
+    Returns:
+        the sampled pool rows [S] and their similarity to their level-1 centroid [S] on rank 0;
+        ``None, None`` on the others.
     """
     sample_file = stage.path("sample.npz")
-    if not stage.done:
-        stage.open()
+    rank = collective.dist_env()[0]
+    if not collective.open_stage(stage):
         levels = hierarchical_kmeans(store, rows, cfg)
-        arrays = {}
-        for i, level in enumerate(levels, start=1):
-            arrays.update(
-                {f"centroids_{i}": level.centroids, f"assignment_{i}": level.assignment, f"sim_{i}": level.sim}
-            )
-        atomic_save_npz(stage.path("levels.npz"), **arrays)
-        sample = balanced_sample(levels, rows, cfg)
-        atomic_save_npz(sample_file, rows=sample)
-        stage.finish({"levels": [int(len(lv.centroids)) for lv in levels], "num_sampled": int(len(sample))})
+        sample, sims = balanced_sample(levels, cfg)
+        if rank == 0:
+            arrays = {f"centroids_{i}": level.centroids for i, level in enumerate(levels, start=1)}
+            for i, level in enumerate(levels[1:], start=2):
+                arrays.update({f"assignment_{i}": level.assignment, f"sim_{i}": level.sim})
+            atomic_save_npz(stage.path("levels.npz"), **arrays)
+            atomic_save_npz(sample_file, rows=sample, sims=sims)
+            stage.finish({"levels": [int(len(lv.centroids)) for lv in levels], "num_sampled": int(len(sample))})
+        collective.barrier()
+    if rank != 0:
+        return None, None
     with np.load(sample_file, allow_pickle=False) as data:
-        return data["rows"]
+        return data["rows"], data["sims"]

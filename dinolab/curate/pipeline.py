@@ -19,7 +19,8 @@ Under torchrun every stage runs on every rank, each on its own stride of shards 
 :mod:`dinolab.curate.sharded`), relative dedup, k-means (sums all-reduced per iteration) and the
 retrieval searches; rank 0 alone merges (union-find over the edge shards, keep list, retrieval caps),
 writes manifests, ``curated.jsonl`` and the report, while the others wait at barriers. Outputs do not
-depend on the number of ranks. Hierarchical sampling still runs on rank 0 alone.
+depend on the number of ranks. Hierarchical k-means is distributed like the pool k-means
+(:mod:`dinolab.curate.hierarchical`).
 Memory per rank is bounded by the shard / chunk size and its shard of the Faiss index; rank 0 also
 holds per-row integer arrays (a few bytes x N) for the merges, and every rank the kept-row list.
 """
@@ -54,7 +55,7 @@ from dinolab.curate.retrieve import RetrieveConfig, make_records, retrieve_shard
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import EmbeddingStore, ShardedEmbeddings, is_precomputed, load_precomputed
 from dinolab.data.images import path_bytes, resolve_image_source
-from dinolab.io import atomic_write_json
+from dinolab.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +283,8 @@ def run_curation(
         counts["cluster"] = cluster_stage.outputs
 
     records: list[dict[str, Any]] = []
-    if cfg.hierarchical_sample and rank == 0:  # not distributed yet: rank 0 alone, the others wait
+    if cfg.hierarchical_sample:
         records += _hierarchical_records(store, keep, cfg, out, relative_stage.hash, counts)
-    _barrier()
     if seeds:
         retrieve_stage = Stage(out / "retrieve", "retrieve", {
             "kept": relative_stage.hash, "cluster": cluster_hash, "index": _result_key(cfg.index),
@@ -328,11 +328,11 @@ def _hierarchical_records(
     stage = Stage(out / "hierarchical", "hierarchical", {
         "kept": kept_hash, "hierarchical": _result_key(cfg.hierarchical),
     }, cfg.on_change)
-    rows = run_hierarchical(store, keep, cfg.hierarchical, stage)
+    """Collective; the records on rank 0, ``[]`` elsewhere."""
+    rows, sims = run_hierarchical(store, keep, cfg.hierarchical, stage)
     counts["hierarchical"] = stage.outputs
-    with np.load(stage.path("levels.npz"), allow_pickle=False) as levels:
-        sim_of_kept = levels["sim_1"]
-    sims = sim_of_kept[np.searchsorted(keep, rows)]
+    if rows is None:
+        return []
     return make_records(rows, sims, store.paths(rows), "hierarchical", "hierarchical")
 
 

@@ -55,6 +55,8 @@ def test_hierarchical_balanced_sample_evens_out_cluster_sizes():
     assert [len(lv.centroids) for lv in levels] == [8, 4]
     top_of_row = levels[1].assignment[levels[0].assignment]
     assert _same_partition(top_of_row, labels)  # the top level finds the 4 blobs
-    sample = balanced_sample(levels, rows, cfg)
+    sample, sims = balanced_sample(levels, cfg)
     np.testing.assert_array_equal(np.bincount(labels[sample], minlength=4), [10, 10, 10, 10])
     assert len(np.unique(sample)) == 40
+    np.testing.assert_allclose(sims, np.sum(x[sample] * levels[0].centroids[levels[0].assignment[sample]], axis=1),
+                               atol=1e-5)

@@ -1,7 +1,8 @@
 """Two gloo ranks curate exactly as one process: the same curated.jsonl, dedup components and k-means.
 
 Every stage runs on both ranks, each on its own chunks (sharded k-NN index, per-chunk relative dedup,
-k-means with all-reduced integer sums, sharded retrieval searches); rank 0 merges and writes. A rank that
+k-means and hierarchical k-means with all-reduced integer sums, sharded retrieval searches); rank 0
+merges and writes. A rank that
 dies after its first dedup shard is restarted and the run ends with the same bytes.
 """
 
@@ -58,6 +59,11 @@ def _config(index: str = "flat") -> CurateConfig:
     cfg.retrieve.per_cluster = 20
     cfg.retrieve.min_hits = 1
     cfg.retrieve.cap = 50
+    cfg.hierarchical_sample = True  # level 1 over the chunks of both ranks, with a resampling step above it
+    cfg.hierarchical.n_clusters, cfg.hierarchical.resampling_steps = [8, 3], [2, 2]
+    cfg.hierarchical.sample_sizes, cfg.hierarchical.max_points_per_centroid = [4, 2], 20
+    cfg.hierarchical.n_iter, cfg.hierarchical.target_size = 5, 40
+    cfg.hierarchical.sampling = "random" if index == "ivf" else "closest"
     return cfg
 
 
@@ -81,7 +87,7 @@ def _curate(rank: int, folder: str, out: str, fail_after_first_dedup_shard: bool
 
 def _outputs(out: Path) -> dict[str, bytes]:
     files = ["curated.jsonl", "retrieve/near.jsonl", "retrieve/few.jsonl", "cluster/centroids.npy",
-             "relative_dedup/keep.npz"]
+             "relative_dedup/keep.npz", "hierarchical/levels.npz", "hierarchical/sample.npz"]
     found = {name: (out / name).read_bytes() for name in files}
     with np.load(out / "dedup" / "components.npz") as data:
         found["labels"] = data["labels"].tobytes()
@@ -96,7 +102,7 @@ def _one_process(folder: Path, index: str) -> dict[str, bytes]:
     counts = run_curation(inputs["pool"], inputs["seeds"], folder / "out", _config(index),
                           eval_sets=inputs["eval_sets"])
     assert counts["self_dedup"]["num_duplicate_components"] >= 25 and counts["retrieve"]["few"]["method"] == "cluster"
-    assert counts["curated"] > 0
+    assert counts["curated"] > 0 and counts["hierarchical"]["num_sampled"] == 40
     return _outputs(folder / "out")
 
 
