@@ -6,7 +6,7 @@ plus Gaussian noise (within-cluster cosine ~0.3, far below the 0.6 dedup thresho
 augmented copy of an image). Total rows = ``--n``.
 
 Measured with the library code (the same stages the CLI runs, on an in-memory store):
-time and peak RSS (``resource.getrusage``, monotone, so each figure is "peak so far") of
+time and peak RSS (``VmHWM``, monotone, so each figure is "peak so far") of
   1. self-dedup (IVF k-NN graph, k=64, cos > 0.6, union-find),
   2. relative dedup against an evaluation set,
   3. spherical k-means (``--kmeans-k`` clusters) + assignment,
@@ -50,7 +50,16 @@ from dinolab.curate.store import ArrayEmbeddings
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+    """This process's peak resident memory: ``VmHWM`` of /proc/self/status where there is one.
+
+    Not ``getrusage``'s ``ru_maxrss`` there: it survives ``execve``, so a spawned rank would report at least
+    the RSS of the parent it was forked from (the bench process holding the synthetic pool).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024**2  # kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
 
 
 def _noisy(rng: np.random.Generator, base: np.ndarray, scale: float) -> np.ndarray:
