@@ -102,9 +102,13 @@ def _last_block_tokens(model: nn.Module, x: torch.Tensor, spec: FeatureSpec) -> 
 
 @dataclass
 class EmbedOptions:
-    """How a sequence of images is run: ``batch_size`` images per pass, ``bf16`` autocast, ``compile`` the blocks
-    first (~20 s once, then 1.15x for ViT-S/14 fp32 on a 2-core CPU: worth it for large sets), ``num_workers`` decoding processes, a tqdm bar (``progress``, ``desc``);
-    ``patch_dtype`` stores patch tokens (float16 halves the RAM of dense features; cast batch by batch)."""
+    """How a sequence of images is run.
+
+    ``batch_size`` images per pass; ``bf16`` autocast; ``compile`` the blocks first (~20 s once, then 1.15x for
+    ViT-S/14 fp32 on a 2-core CPU: worth it for large sets); ``num_workers`` decoding processes; a tqdm bar
+    (``progress``, ``desc``); ``patch_dtype`` of the stored patch tokens (float16 halves the RAM of dense
+    features; cast batch by batch).
+    """
 
     batch_size: int = 64
     bf16: bool = False

@@ -76,8 +76,8 @@ def test_training_knn_is_the_eval_knn_protocol_at_the_runs_input_size(tmp_path):
     got = KnnMonitor(splits, image_size=SIZE, k=3)(model)
     assert model.training  # the monitor hands the backbone back in training mode
 
-    as_set = {s: LabelledImages(ImageSet(paths=list(getattr(splits, f"x_{s}").paths), name=s), getattr(splits, f"y_{s}"))
-              for s in ("train", "test")}
+    as_set = {s: LabelledImages(ImageSet(paths=list(getattr(splits, f"x_{s}").paths), name=s),
+                                getattr(splits, f"y_{s}")) for s in ("train", "test")}
     cfg = knn.KnnConfig(ks=(3,), image_size=SIZE, features=FeatureConfig(bf16=False, use_cache=False, progress=False))
     expected = knn.run(model, ClassificationData(as_set, ["a", "b"], str(tmp_path)), cfg)
     assert got == {"knn_top1": expected["knn/k3/top1"], "knn_n_test": 8}
