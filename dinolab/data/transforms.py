@@ -24,13 +24,6 @@ def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Te
     return (x - m) / s
 
 
-def denormalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """Inverse of :func:`normalize`; result clamped to [0, 1]."""
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    return (x * s + m).clamp(0, 1)
-
-
 def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
     """PIL image or uint8 array [H, W, 3] -> float tensor [3, H, W] in [0, 1]."""
     arr = np.asarray(image, dtype=np.uint8)
