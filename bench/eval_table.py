@@ -43,7 +43,7 @@ import torch
 from dinolab.eval.cli import PROTOCOLS, build_config, evaluate, load_model
 from dinolab.eval.features import model_fingerprint
 from dinolab.eval.report import write_results
-from dinolab.io import atomic_write_json, atomic_write_text
+from dinolab.utils.io import atomic_write_json, atomic_write_text
 
 # (row name, protocol, data file under --data-root, config overrides, metrics shown)
 ROWS = [

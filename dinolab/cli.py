@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def user_error(err: BaseException) -> str | None:
     """The one-line message for an error the user can fix, or None for a bug (keep the traceback)."""
-    from dinolab.io import is_disk_full, unpickling_reason
+    from dinolab.utils.io import is_disk_full, unpickling_reason
 
     if is_disk_full(err):
         code = err.errno if isinstance(err, OSError) and err.errno else errno.ENOSPC

@@ -173,7 +173,7 @@ def check_request(fmt: str, out: str | Path, dtype: str = "fp32") -> Path:
                          "use fp32 or fp16, or --format torch-export")
     if fmt == "onnx":
         _require_onnx()
-    from dinolab.io import check_output_dir
+    from dinolab.utils.io import check_output_dir
 
     check_output_dir(out.parent, f"--out {out}: its folder")
     return out
@@ -198,7 +198,7 @@ def _dynamic_shapes(patch: int, sizes: bool) -> dict:
 
 def write_torch_export(module: ExportModule, example: torch.Tensor, path: Path, dynamic: bool) -> None:
     """``torch.export.export`` (batch symbolic; height and width too when ``dynamic``), ``torch.export.save``."""
-    from dinolab.io import atomic_path
+    from dinolab.utils.io import atomic_path
 
     shapes = _dynamic_shapes(module.backbone.patch_size, dynamic)
     program = torch.export.export(module, (example,), dynamic_shapes=shapes)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import dinolab.io
+import dinolab.utils.io
 import dinolab.models
 from dinolab.cli import main
 from dinolab.configs.schema import load_config
@@ -196,7 +196,7 @@ def test_disk_full_names_the_destination(tmp_path, tiny_weights, monkeypatch, ca
         open(f, "wb").write(b"partial")
         raise failure
 
-    monkeypatch.setattr(dinolab.io.torch, "save", full)
+    monkeypatch.setattr(dinolab.utils.io.torch, "save", full)
     out = tmp_path / "out" / "converted.pth"
     assert main(["convert", str(tiny_weights), str(out)]) == 2
     line = one_error_line(capsys, "convert", f"no space left on device writing {out}")
@@ -218,17 +218,17 @@ def test_disk_full_outside_atomic_writes_is_one_line(tmp_path, monkeypatch, caps
 def test_a_truncated_checkpoint_is_no_full_disk():
     read = RuntimeError("[enforce fail at inline_container.cc:326] . PytorchStreamReader failed reading zip archive: "
                         "failed finding central directory")
-    assert not dinolab.io.is_disk_full(read)
-    assert dinolab.io.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not dinolab.utils.io.is_disk_full(read)
+    assert dinolab.utils.io.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
 
 
 def test_atomic_path_keeps_other_errors(tmp_path):
     with pytest.raises(OSError) as info:
-        with dinolab.io.atomic_path(tmp_path / "f.bin"):
+        with dinolab.utils.io.atomic_path(tmp_path / "f.bin"):
             raise OSError(errno.EIO, "I/O error")
     assert info.value.errno == errno.EIO
     with pytest.raises(OSError) as info:
-        with dinolab.io.atomic_path(tmp_path / "f.bin"):
+        with dinolab.utils.io.atomic_path(tmp_path / "f.bin"):
             raise OSError(errno.ENOSPC, "No space left on device")
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "f.bin")
     assert list(tmp_path.iterdir()) == []

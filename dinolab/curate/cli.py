@@ -85,7 +85,7 @@ def check_sources(sources: dict[str, str]) -> None:
     from pathlib import Path
 
     from dinolab.data.images import read_path_list
-    from dinolab.io import check_listed_files
+    from dinolab.utils.io import check_listed_files
 
     for option, path in sources.items():
         if not Path(path).exists():
@@ -103,7 +103,7 @@ def _init_distributed() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dinolab.io import check_output_dir
+    from dinolab.utils.io import check_output_dir
 
     check_output_dir(args.out, "--out")
     seeds, seed_overrides = parse_named(args.seeds, "--seeds")

@@ -26,7 +26,7 @@ from dinolab.curate.sharded import ShardedIndex
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import EmbeddingStore
 from dinolab.curate.union_find import UnionFind
-from dinolab.io import atomic_save_npz
+from dinolab.utils.io import atomic_save_npz
 
 
 @dataclass

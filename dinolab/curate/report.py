@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from dinolab.data.images import try_load_rgb
-from dinolab.io import atomic_path, atomic_write_json
+from dinolab.utils.io import atomic_path, atomic_write_json
 
 
 @dataclass

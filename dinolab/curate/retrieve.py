@@ -28,7 +28,7 @@ import numpy as np
 from dinolab.curate.cluster import ClusterAssignment, take_per_cluster
 from dinolab.curate.index import PoolIndex
 from dinolab.curate.store import ArrayEmbeddings, EmbeddingStore
-from dinolab.io import atomic_path
+from dinolab.utils.io import atomic_path
 
 METHODS = ("auto", "sample", "cluster")
 

@@ -11,7 +11,7 @@ A stage owns one folder::
 
 Rules that make a killed run safe to restart with the same command:
 
-* every file is written with :mod:`dinolab.io` (temporary file + rename), so a file either exists
+* every file is written with :mod:`dinolab.utils.io` (temporary file + rename), so a file either exists
   whole or not at all;
 * a shard counts as finished only when its ``.json`` marker exists, and a restarted stage skips
   finished shards;
@@ -39,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from dinolab.io import atomic_save_npz, atomic_write_json
+from dinolab.utils.io import atomic_save_npz, atomic_write_json
 
 MANIFEST = "manifest.json"
 ON_CHANGE_CHOICES = ("error", "recompute")

@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from dinolab.distributed import env
 from dinolab.distributed.fsdp import TRAINED_SIDE, is_sharded
-from dinolab.io import atomic_torch_save
+from dinolab.utils.io import atomic_torch_save
 from dinolab.models.checkpoints import save_backbone
 from dinolab.models.vit import DinoVisionTransformer
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dinolab.io import atomic_path, atomic_write_json, atomic_write_text
+from dinolab.utils.io import atomic_path, atomic_write_json, atomic_write_text
 
 
 def config_dict(cfg: Any) -> dict:

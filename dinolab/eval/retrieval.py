@@ -52,7 +52,7 @@ from dinolab.eval.data import (
 )
 from dinolab.eval.features import classification_preprocess, global_spec
 from dinolab.features.cache import FeatureConfig, extract
-from dinolab.io import atomic_save_npz
+from dinolab.utils.io import atomic_save_npz
 
 CONSTRUCTED_NOTE = (
     "constructed retrieval set: query images with augmented copies of themselves as positives "

@@ -23,7 +23,7 @@ from torch import nn
 
 from dinolab.features.embed import EmbedOptions, FeatureSpec, embed
 from dinolab.features.inputs import Preprocess
-from dinolab.io import atomic_torch_save
+from dinolab.utils.io import atomic_torch_save
 
 CACHE_FORMAT_VERSION = 1  # bump when the stored layout changes
 

@@ -20,7 +20,7 @@ def check_output_file(path: str | Path) -> Path:
         raise ValueError(f"--out {path} must end with .npz or .safetensors")
     if path.is_dir():
         raise ValueError(f"--out {path} is a folder; expected a file ending with .npz or .safetensors")
-    from dinolab.io import check_output_dir
+    from dinolab.utils.io import check_output_dir
 
     check_output_dir(path.parent, f"--out {path}: its folder")
     return path
@@ -30,7 +30,7 @@ def run_extract(args: argparse.Namespace) -> int:
     from dinolab.data.images import resolve_image_source
     from dinolab.features.files import ExtractConfig, extract_features
     from dinolab.features.store import save_features
-    from dinolab.io import check_listed_files
+    from dinolab.utils.io import check_listed_files
     from dinolab.models.resolve import resize_for, resolve_backbone
 
     check_output_file(args.out)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinolab.io import atomic_path, atomic_save_npz
+from dinolab.utils.io import atomic_path, atomic_save_npz
 
 OUTPUT_SUFFIXES = (".npz", ".safetensors")  # what save_features writes (case-sensitive)
 

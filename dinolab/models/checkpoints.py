@@ -141,7 +141,7 @@ def save_backbone(model_or_sd, path: str | Path) -> None:
     A model's ``.safetensors`` also stores its constructor arguments in the metadata header, so
     ``build_backbone("auto", weights=...)`` rebuilds it exactly (head count included).
     """
-    from dinolab.io import atomic_path, atomic_torch_save
+    from dinolab.utils.io import atomic_path, atomic_torch_save
 
     sd = model_or_sd if isinstance(model_or_sd, dict) else model_or_sd.state_dict()
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}

@@ -68,7 +68,7 @@ def read_weights(path: str | Path) -> dict:
 def _refuse_non_weights(path: str | Path) -> Iterator[None]:
     from safetensors import SafetensorError
 
-    from dinolab.io import unpickling_reason
+    from dinolab.utils.io import unpickling_reason
 
     try:
         yield

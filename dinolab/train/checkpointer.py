@@ -28,7 +28,7 @@ from dinolab.distributed.checkpoint import (
     read_dcp_metadata,
     read_dcp_tensors,
 )
-from dinolab.io import atomic_torch_save
+from dinolab.utils.io import atomic_torch_save
 from dinolab.models.checkpoints import resample_pos_embed
 
 _NAME = re.compile(r"^(?:ckpt_(\d{7,})\.pth|dcp_(\d{7,}))$")

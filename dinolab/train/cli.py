@@ -82,7 +82,7 @@ def dataset_size(path: str | None) -> int:
         FileNotFoundError, ValueError: one line naming the source.
     """
     from dinolab.data.datasets import ImageFiles, open_dataset
-    from dinolab.io import check_listed_files
+    from dinolab.utils.io import check_listed_files
 
     n = _npz_length(Path(path)) if path is not None and str(path).lower().endswith(".npz") else None
     if n is not None:
@@ -127,7 +127,7 @@ def validate_run(cfg: Config, output: str | Path) -> None:
     import os
 
     from dinolab.data.datasets import BUILTIN_PREFIX
-    from dinolab.io import check_output_dir
+    from dinolab.utils.io import check_output_dir
     from dinolab.utils.runtime import check_compiler, resolve_device, resolve_precision
 
     check_output_dir(output, "--output")

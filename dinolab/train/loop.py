@@ -43,7 +43,7 @@ from dinolab.distributed.env import (
     shutdown,
 )
 from dinolab.distributed.fsdp import parallelize, unwrap, unwrapped_side
-from dinolab.io import atomic_write_json, atomic_write_text
+from dinolab.utils.io import atomic_write_json, atomic_write_text
 from dinolab.models.checkpoints import save_backbone
 from dinolab.train.checkpointer import Checkpointer, load_meta_weights, read_model_state
 from dinolab.train.host_memory import keep_freed_memory

@@ -36,7 +36,7 @@ def plot_run(records: list[dict], path: str | Path, cfg=None) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from dinolab.io import atomic_path
+    from dinolab.utils.io import atomic_path
 
     levels = {}
     if cfg is not None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dinolab.io import atomic_path
+from dinolab.utils.io import atomic_path
 
 if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, so that `dinolab --help` stays fast
     from matplotlib.axes import Axes
