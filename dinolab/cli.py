@@ -18,7 +18,7 @@ import sys
 COMMAND_MODULES = (
     "dinolab.features.cli",
     "dinolab.export",
-    "dinolab.models.convert",
+    "dinolab.models.cli",
     "dinolab.train.cli",
     "dinolab.eval.cli",
     "dinolab.viz.cli",

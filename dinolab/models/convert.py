@@ -1,4 +1,5 @@
-"""``dinolab convert IN OUT``: between official ``.pth``, safetensors and Hugging Face layouts.
+"""Backbone weights between official ``.pth``, safetensors and Hugging Face layouts (``dinolab convert IN OUT``,
+:mod:`dinolab.models.cli`).
 
 Any checkpoint :func:`dinolab.models.checkpoints.to_backbone_state_dict` reads (official hub file,
 training checkpoint with chunked blocks or ``teacher.backbone.`` prefixes, dinolab export, HF
@@ -8,9 +9,7 @@ state dict) is written as one of: ``official`` (``.pth`` with official keys), ``
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-
 
 from dinolab.models import hf
 from dinolab.models.checkpoints import describe, save_backbone, to_backbone_state_dict
@@ -33,19 +32,3 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None, hf_naming: 
             raise ValueError(f"--to safetensors needs an output ending in .safetensors, got {dst}")
         save_backbone(sd, dst)
     return f"{src} -> {dst} ({to}; {describe(sd)}; {sum(v.numel() for v in sd.values()) / 1e6:.1f}M values)"
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    print(convert(args.input, args.output, args.to, args.hf_naming))
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="convert backbone weights between official, safetensors and HF")
-    p.add_argument("input", help="weights file (.pth/.pt/.bin/.safetensors; official, training, dinolab or HF)")
-    p.add_argument("output", help="output file")
-    p.add_argument("--to", choices=TARGETS, default=None, help="output layout (default from the suffix)")
-    p.add_argument("--hf-naming", choices=("v4", "v5"), default=None, help="HF key naming (default: installed)")
-    p.set_defaults(func=run_convert)
-
-
