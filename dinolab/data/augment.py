@@ -187,11 +187,8 @@ class MultiCropAugmentation:
     ``crops``, whose dataclass holds the only defaults. The remaining fields are the official code's fixed
     constants, which no recipe changes (tests set them to isolate one operation).
 
-    ``crops.blur_semantics="official_code"`` (blur probabilities 0.0 / 0.9 / 0.5 for global 1 / global 2 /
-    local) is what produced every released DINOv2 checkpoint and every published DINOv2 number; a
-    reimplementation that wants to reproduce them must blur as the official code executes, not as it
-    reads. ``"paper"`` (1.0 / 0.1 / 0.5, the BYOL/DINO asymmetric recipe the code meant to write) is
-    there for ablations (RECIPE §2.1, §6.1).
+    ``crops.blur_semantics`` picks a row of :data:`BLUR_PROBABILITIES`: ``"official_code"`` made every released
+    DINOv2 checkpoint and published number; ``"paper"`` is there for ablations (RECIPE §2.1, §6.1).
 
     Call with a PIL image (any mode) or a uint8 array [H, W, 3] / [H, W] and a seed source:
 
