@@ -42,7 +42,7 @@ import faiss
 import numpy as np
 
 from dinolab.curate.cluster import KMeansConfig, pool_kmeans
-from dinolab.curate.dedup import DedupConfig, relative_dedup, self_dedup
+from dinolab.curate.dedup import Components, DedupConfig, relative_dedup, self_dedup
 from dinolab.curate.index import IndexConfig, build_index
 from dinolab.curate.retrieve import RetrieveConfig, retrieve_sharded
 from dinolab.curate.stages import Stage
@@ -207,7 +207,8 @@ def bench_ranks(args: argparse.Namespace) -> int:
                                join=True, start_method="spawn")
             seconds = time.perf_counter() - t0
             with np.load(root / f"out-{world_size}" / "dedup" / "components.npz") as data:
-                recall = duplicate_recall(data["labels"], group)["pair_recall"]
+                labels = Components(data["rows"], data["labels"]).labels_of(np.arange(args.rows))
+            recall = duplicate_recall(labels, group)["pair_recall"]
             rss = [json.loads((root / f"rss-{world_size}-{r}.json").read_text()) for r in range(world_size)]
             curated = (root / f"out-{world_size}" / "curated.jsonl").read_bytes()
             results.append({"ranks": world_size, "peak_rss_mb": [round(m, 1) for m in rss], "recall": recall,
@@ -258,10 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="curate-bench-") as tmp:
         out = Path(tmp)
         full_index = timer.run("  dedup: train + fill IVF index", build_index, store, index_cfg)
-        labels = timer.run(
+        components = timer.run(
             "dedup: k-NN graph + union-find",
             self_dedup, store, dedup_cfg, Stage(out / "dedup", "dedup", {}), index_cfg, lambda: full_index,
         )
+        labels = components.labels_of(np.arange(args.n))
         recall = duplicate_recall(labels, group)
         comparison = timer.run("exact vs IVF on a query sample", exact_vs_ivf, store, x, full_index.index,
                                args.exact_queries, args.k, dedup_cfg.threshold)
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         full_index = None  # free the vectors before the retrieval index is filled
 
         evals = _noisy(rng, x[rng.choice(args.n, args.eval_size, replace=False)], 0.4)
-        keep = timer.run("relative dedup (flat over eval set)", relative_dedup, store, evals, labels, dedup_cfg,
+        keep = timer.run("relative dedup (flat over eval set)", relative_dedup, store, evals, components, dedup_cfg,
                          Stage(out / "relative", "relative", {}))
         clusters = timer.run("k-means (train on sample + assign)", pool_kmeans, store, keep,
                              KMeansConfig(n_clusters=args.kmeans_k, n_iter=args.kmeans_iter),

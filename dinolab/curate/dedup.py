@@ -10,7 +10,8 @@ pool image more similar than 0.45 to any of them condemns its whole self-dedup c
 Both run as resumable stages over the pool's chunks (one shard of edges / hits per chunk); under
 ``torchrun`` each rank computes its own chunks (``rank, rank + W, ...``). Memory per rank: its shard
 of the Faiss index (:mod:`dinolab.curate.sharded`), one chunk of queries with their ``[chunk, k]``
-neighbours; on rank 0 also per-row arrays (8 bytes x N for the union-find, the relative-dedup merge).
+neighbours. The union-find (rank 0) runs over the rows that have a duplicate edge only, and the
+components are stored for those rows (:class:`Components`); relative dedup works per chunk.
 """
 
 from __future__ import annotations
@@ -43,6 +44,33 @@ class DedupConfig:
     k: int = 64
     threshold: float = 0.6
     relative_threshold: float = 0.45
+
+
+@dataclass
+class Components:
+    """Connected components of the duplicate graph, stored for the rows that have a duplicate only
+    (every other row is its own component), so their size is the number of duplicated rows, not N.
+
+    Attributes:
+        rows: [M] sorted pool rows in a component of two or more rows.
+        labels: [M] the lowest row of each one's component.
+    """
+
+    rows: np.ndarray
+    labels: np.ndarray
+
+    def labels_of(self, rows: np.ndarray) -> np.ndarray:
+        """[n] component label of each of the given pool rows (the row itself outside every component)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(self.rows):
+            return rows.copy()
+        at = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)
+        return np.where(self.rows[at] == rows, self.labels[at], rows)
+
+    @property
+    def num_components(self) -> int:
+        """Components of two or more rows."""
+        return int(len(np.unique(self.labels)))
 
 
 def knn_edges(index: PoolIndex, first_row: int, queries: np.ndarray, k: int, threshold: float) -> dict[str, np.ndarray]:
@@ -88,18 +116,19 @@ def self_dedup(
     stage: Stage,
     index_cfg: IndexConfig | None = None,
     make_index: Callable[[], PoolIndex | ShardedIndex] | None = None,
-) -> np.ndarray | None:
+) -> Components:
     """Connected components of the duplicate graph of the pool (resumable; collective under torchrun).
 
     Every rank queries its own chunks (``rank, rank + W, ...``) against the whole pool: by default a
     :class:`ShardedIndex` (each rank indexes its chunks, a search asks every rank), built only if some
     shard is left to compute; ``make_index`` replaces it (e.g. one :class:`PoolIndex` in one process).
-    Each rank writes one shard of edges per chunk; rank 0 then reads every edge shard into a union-find
-    and writes ``components.npz`` (``labels [N]``: lowest row of each row's component), so the
-    components do not depend on the number of ranks.
+    Each rank writes one shard of edges per chunk; rank 0 then reads the edge shards into a union-find
+    over the rows that have an edge (:func:`components_from_shards`) and writes ``components.npz``
+    (``rows``, ``labels``: lowest row of each component), so the components do not depend on the number
+    of ranks.
 
     Returns:
-        labels [N] int64 on rank 0 (row i is kept iff ``labels[i] == i``); ``None`` on other ranks.
+        the :class:`Components` (on every rank): row i is kept iff ``labels_of([i]) == i``.
     """
     components = stage.path("components.npz")
     rank = collective.dist_env()[0]
@@ -119,21 +148,19 @@ def self_dedup(
         if rank == 0:
             _finish_self_dedup(stage, num_shards, store.num_rows, components)
         collective.barrier()
-    if rank != 0:
-        return None
     with np.load(components, allow_pickle=False) as data:
-        return data["labels"]
+        return Components(data["rows"], data["labels"])
 
 
 def _finish_self_dedup(stage: Stage, num_shards: int, num_rows: int, components) -> None:
-    labels, num_edges = components_from_shards(stage, num_shards, num_rows)
-    atomic_save_npz(components, labels=labels)
-    sizes = np.bincount(labels, minlength=num_rows)
+    found, num_edges = components_from_shards(stage, num_shards)
+    atomic_save_npz(components, rows=found.rows, labels=found.labels)
+    num_components = found.num_components
     stage.finish(
         {
             "num_rows": num_rows,
-            "num_kept": int((labels == np.arange(num_rows)).sum()),
-            "num_duplicate_components": int((sizes > 1).sum()),
+            "num_kept": int(num_rows - len(found.rows) + num_components),
+            "num_duplicate_components": num_components,
             "num_edges": num_edges,
             "components": components.name,
         },
@@ -141,19 +168,27 @@ def _finish_self_dedup(stage: Stage, num_shards: int, num_rows: int, components)
     )
 
 
-def components_from_shards(stage: Stage, num_shards: int, num_rows: int) -> tuple[np.ndarray, int]:
+def components_from_shards(stage: Stage, num_shards: int) -> tuple[Components, int]:
     """Union-find over the edges of every shard, one shard in memory at a time.
 
+    The union-find runs over the rows that have an edge (``M`` of them, renumbered ``0 .. M-1`` in row
+    order, so its lowest-id root is the lowest row), not over the whole pool: memory ``O(M)`` plus one shard.
+
     Returns:
-        labels [N] int64 (lowest row of each component), number of edges read.
+        the :class:`Components`, the number of edges read.
     """
-    uf = UnionFind(num_rows)
+    ends = []
+    for i in range(num_shards):
+        shard = stage.load_shard(i)
+        ends.append(np.unique(np.concatenate([shard["src"], shard["dst"]])))
+    rows = np.unique(np.concatenate(ends)) if ends else np.zeros(0, np.int64)
+    uf = UnionFind(len(rows))
     num_edges = 0
     for i in range(num_shards):
         shard = stage.load_shard(i)
-        uf.union_edges(shard["src"], shard["dst"])
+        uf.union_edges(np.searchsorted(rows, shard["src"]), np.searchsorted(rows, shard["dst"]))
         num_edges += int(shard["src"].size)
-    return uf.roots(), num_edges
+    return Components(rows.astype(np.int64), rows[uf.roots()].astype(np.int64)), num_edges
 
 
 def nearest_neighbour_similarities(stage: Stage) -> np.ndarray:
@@ -177,7 +212,7 @@ def eval_hits(index: PoolIndex, queries: np.ndarray) -> np.ndarray:
 def relative_dedup(
     store: EmbeddingStore,
     eval_embeddings: np.ndarray,
-    labels: np.ndarray | None,
+    components: Components,
     cfg: DedupConfig,
     stage: Stage,
 ) -> np.ndarray:
@@ -187,10 +222,14 @@ def relative_dedup(
         store: the pool.
         eval_embeddings: [M, D] unit embeddings of all evaluation images (held in memory on every rank;
             exact index).
-        labels: [N] component labels from :func:`self_dedup` (used on rank 0 only; ``None`` elsewhere).
+        components: from :func:`self_dedup`.
         cfg: thresholds.
         stage: stage writing one shard of nearest-evaluation similarities per chunk, then (rank 0)
             ``keep.npz``.
+
+    Each rank flags the rows of its own chunks above ``cfg.relative_threshold``; the labels of the
+    flagged components are gathered, and each rank keeps the representatives of its chunks whose
+    component was not flagged; rank 0 gathers them into ``keep.npz``.
 
     Returns:
         Sorted pool rows [K] int64 (on every rank): component representatives whose component has no
@@ -210,14 +249,16 @@ def relative_dedup(
 
         stage.run_shards(num_shards, compute, desc="relative dedup", rank=rank, world_size=world_size)
         collective.barrier()
+        keep_parts, flagged = _keep_my_chunks(store, components, stage, cfg.relative_threshold)
+        gathered = collective.gather(keep_parts)
         if rank == 0:
-            eval_sim = np.concatenate([stage.load_shard(i)["eval_sim"] for i in range(num_shards)])
-            keep, dropped_components = drop_components(labels, eval_sim > cfg.relative_threshold)
+            by_chunk = {chunk: rows for parts in gathered for chunk, rows in parts.items()}
+            keep = np.concatenate([by_chunk[c] for c in sorted(by_chunk)] or [np.zeros(0, np.int64)])
             atomic_save_npz(keep_file, rows=keep)
             stage.finish(
                 {
-                    "num_flagged_images": int((eval_sim > cfg.relative_threshold).sum()),
-                    "num_dropped_components": int(len(dropped_components)),
+                    "num_flagged_images": flagged["images"],
+                    "num_dropped_components": flagged["components"],
                     "num_kept": int(len(keep)),
                     "keep": keep_file.name,
                 },
@@ -228,17 +269,21 @@ def relative_dedup(
         return data["rows"]
 
 
-def drop_components(labels: np.ndarray, flagged: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Representatives of the components that hold no flagged row.
-
-    Args:
-        labels: [N] component label (lowest row) of each row.
-        flagged: [N] bool, rows too similar to an evaluation image.
-
-    Returns:
-        kept rows [K] int64 (sorted), dropped component labels [C] int64 (sorted).
-    """
-    dropped = np.unique(labels[flagged])
-    representative = labels == np.arange(len(labels))
-    keep = np.nonzero(representative & ~np.isin(labels, dropped))[0]
-    return keep.astype(np.int64), dropped.astype(np.int64)
+def _keep_my_chunks(
+    store: EmbeddingStore, components: Components, stage: Stage, threshold: float
+) -> tuple[dict[int, np.ndarray], dict[str, int]]:
+    """This rank's kept rows per chunk, and the numbers of flagged images and components (all ranks)."""
+    offsets = store.chunk_offsets()
+    mine = collective.my_chunks(store.num_chunks())
+    flagged_labels, representatives, num_flagged = [np.zeros(0, np.int64)], {}, 0
+    for chunk in mine:
+        rows = np.arange(offsets[chunk], offsets[chunk + 1], dtype=np.int64)
+        labels = components.labels_of(rows)
+        flagged = stage.load_shard(chunk)["eval_sim"] > threshold
+        flagged_labels.append(labels[flagged])
+        num_flagged += int(flagged.sum())
+        representatives[chunk] = rows[labels == rows]
+    dropped = np.unique(np.concatenate(collective.all_gather(np.concatenate(flagged_labels))))
+    keep = {chunk: reps[~np.isin(reps, dropped)] for chunk, reps in representatives.items()}
+    total_flagged = int(collective.all_reduce_sum(np.array([num_flagged], np.int64))[0])
+    return keep, {"images": total_flagged, "components": int(len(dropped))}

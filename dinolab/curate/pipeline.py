@@ -17,12 +17,15 @@ Output folder (every stage resumable, see :mod:`dinolab.curate.stages`)::
 Under torchrun every stage runs on every rank, each on its own stride of shards / chunks
 (``rank, rank + W, ...``): embedding, the k-NN graph (a pool index sharded by rank,
 :mod:`dinolab.curate.sharded`), relative dedup, k-means (sums all-reduced per iteration) and the
-retrieval searches; rank 0 alone merges (union-find over the edge shards, keep list, retrieval caps),
+retrieval searches; rank 0 alone merges (union-find over the rows that have a duplicate edge, keep list,
+retrieval caps),
 writes manifests, ``curated.jsonl`` and the report, while the others wait at barriers. Outputs do not
 depend on the number of ranks. Hierarchical k-means is distributed like the pool k-means
 (:mod:`dinolab.curate.hierarchical`).
-Memory per rank is bounded by the shard / chunk size and its shard of the Faiss index; rank 0 also
-holds per-row integer arrays (a few bytes x N) for the merges, and every rank the kept-row list.
+Memory per rank is bounded by the shard / chunk size and its shard of the Faiss index, plus the
+components (rows that have a duplicate, every rank) and the kept-row list (every rank); rank 0 also holds
+per-row arrays for the guard and the report (nearest-neighbour similarities, 4 bytes x N) and the
+k-means assignment of the kept rows for cluster-based retrieval (about 20 bytes x K).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch
 
 from dinolab.curate.cluster import ClusterAssignment, KMeansConfig, pool_kmeans
 from dinolab.curate.dedup import (
+    Components,
     DedupConfig,
     nearest_neighbour_similarities,
     relative_dedup,
@@ -254,7 +258,7 @@ def run_curation(
         "pool": pool_key, "k": cfg.dedup.k, "threshold": cfg.dedup.threshold, "index": _result_key(cfg.index),
     }, cfg.on_change)
     indexes = _PoolIndexes(store, cfg.index)
-    labels = self_dedup(store, cfg.dedup, dedup_stage, cfg.index, indexes.full)
+    components = self_dedup(store, cfg.dedup, dedup_stage, cfg.index, indexes.full)
     counts["self_dedup"] = dedup_stage.outputs
     _guard(counts, cfg, lambda: outcome_problem(
         "self-dedup", "dedup.threshold", store.num_rows, dedup_stage.outputs["num_kept"],
@@ -266,7 +270,7 @@ def run_curation(
         "dedup": dedup_stage.hash, "eval_sets": {n: k for n, (_, k) in eval_folders.items()},
         "relative_threshold": cfg.dedup.relative_threshold,
     }, cfg.on_change)
-    keep = relative_dedup(store, eval_emb, labels, cfg.dedup, relative_stage)
+    keep = relative_dedup(store, eval_emb, components, cfg.dedup, relative_stage)
     counts["relative_dedup"] = relative_stage.outputs
     if eval_stores:
         _guard(counts, cfg, lambda: outcome_problem(
@@ -299,7 +303,7 @@ def run_curation(
     write_jsonl(out / "curated.jsonl", curated)
     counts["curated"] = len(curated)
 
-    _report(out, store, counts, dedup_stage, labels, clusters, cfg)
+    _report(out, store, counts, dedup_stage, components, clusters, cfg)
     _barrier()
     return counts
 
@@ -382,7 +386,7 @@ def _report(
     store: EmbeddingStore,
     counts: dict[str, Any],
     dedup_stage: Stage,
-    labels: np.ndarray,
+    components: Components,
     clusters: ClusterAssignment | None,
     cfg: CurateConfig,
 ) -> None:
@@ -393,7 +397,7 @@ def _report(
         nearest_neighbour_similarities(dedup_stage),
         {"dedup": cfg.dedup.threshold, "relative dedup": cfg.dedup.relative_threshold},
         paths_of=store.paths if has_paths else None,
-        labels=labels,
+        components=(components.rows, components.labels),
         clusters=None if clusters is None else (clusters.cluster, clusters.sim, clusters.rows),
         cfg=cfg.report,
     )

@@ -82,11 +82,16 @@ def save_grid(path: Path, rows_of_paths: list[list[str]], thumb: int = 96) -> bo
     return True
 
 
-def largest_components(labels: np.ndarray, how_many: int, per_row: int) -> list[np.ndarray]:
-    """Rows of the ``how_many`` largest components with more than one member (at most ``per_row`` each)."""
-    sizes = np.bincount(labels, minlength=len(labels))
-    biggest = [c for c in np.argsort(-sizes, kind="stable")[:how_many] if sizes[c] > 1]
-    return [np.nonzero(labels == c)[0][:per_row] for c in biggest]
+def largest_components(rows: np.ndarray, labels: np.ndarray, how_many: int, per_row: int) -> list[np.ndarray]:
+    """Rows of the ``how_many`` largest components with more than one member (at most ``per_row`` each).
+
+    Args:
+        rows: [M] sorted pool rows in components (others are singletons and never shown).
+        labels: [M] component label of each (lowest row); ties in size: lowest label first.
+    """
+    names, sizes = np.unique(labels, return_counts=True)
+    biggest = [names[i] for i in np.argsort(-sizes, kind="stable")[:how_many] if sizes[i] > 1]
+    return [rows[labels == c][:per_row] for c in biggest]
 
 
 def cluster_examples(
@@ -109,7 +114,7 @@ def write_report(
     nn_sim: np.ndarray | None,
     thresholds: dict[str, float],
     paths_of: Any | None = None,
-    labels: np.ndarray | None = None,
+    components: tuple[np.ndarray, np.ndarray] | None = None,
     clusters: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     cfg: ReportConfig | None = None,
 ) -> dict[str, str]:
@@ -121,7 +126,8 @@ def write_report(
         nn_sim: [N] nearest-neighbour similarity per pool row (None: no histogram).
         thresholds: named thresholds drawn on the histogram.
         paths_of: callable rows -> list of paths or None (no picture grids without paths).
-        labels: [N] self-dedup component labels (for the duplicate grid).
+        components: (rows [M], labels [M]) self-dedup components of the rows that have duplicates
+            (for the duplicate grid).
         clusters: (cluster [M], sim [M], rows [M]) k-means assignment (for the cluster grid).
 
     Returns:
@@ -136,8 +142,8 @@ def write_report(
         written["histogram"] = "nn_similarity.png"
     if paths_of is None:
         return written
-    if labels is not None:
-        groups = largest_components(labels, cfg.grid_rows, cfg.grid_cols)
+    if components is not None:
+        groups = largest_components(*components, cfg.grid_rows, cfg.grid_cols)
         if groups and paths_of(groups[0]) is not None:
             if save_grid(folder / "duplicates.png", [paths_of(g) for g in groups], cfg.thumb):
                 written["duplicates"] = "duplicates.png"

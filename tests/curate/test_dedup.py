@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from dinolab.curate.dedup import DedupConfig, drop_components, relative_dedup, self_dedup
+from dinolab.curate.dedup import Components, DedupConfig, relative_dedup, self_dedup
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import ArrayEmbeddings
 
@@ -17,7 +17,7 @@ def _cfg(k: int = 8) -> DedupConfig:
 def test_self_dedup_finds_planted_duplicates_and_keeps_one(tmp_path, make_pool):
     x, groups = make_pool()
     store = ArrayEmbeddings(x, chunk_rows=128)
-    labels = self_dedup(store, _cfg(), Stage(tmp_path / "dedup", "dedup", {"t": 0.6}))
+    labels = self_dedup(store, _cfg(), Stage(tmp_path / "dedup", "dedup", {"t": 0.6})).labels_of(np.arange(len(x)))
     for members in groups:
         # All copies in one component, labelled by its lowest row.
         assert set(labels[members]) == {members.min()}
@@ -32,31 +32,30 @@ def test_self_dedup_threshold_is_configurable(tmp_path, make_pool):
     x, _ = make_pool(noise=0.3)
     cfg = _cfg()
     cfg.threshold = 0.99  # copies sit near 0.96: no edge survives
-    labels = self_dedup(ArrayEmbeddings(x), cfg, Stage(tmp_path / "d", "dedup", {"t": 0.99}))
-    np.testing.assert_array_equal(labels, np.arange(len(x)))
+    components = self_dedup(ArrayEmbeddings(x), cfg, Stage(tmp_path / "d", "dedup", {"t": 0.99}))
+    assert len(components.rows) == 0
+    np.testing.assert_array_equal(components.labels_of(np.arange(len(x))), np.arange(len(x)))
 
 
-def test_drop_components_drops_whole_components():
-    labels = np.array([0, 1, 0, 3, 1, 0, 6])  # components {0,2,5}, {1,4}, {3}, {6}
-    flagged = np.zeros(7, bool)
-    flagged[5] = True  # a non-representative member condemns component 0
-    keep, dropped = drop_components(labels, flagged)
-    np.testing.assert_array_equal(keep, [1, 3, 6])
-    np.testing.assert_array_equal(dropped, [0])
+def test_components_label_every_row_from_the_duplicated_rows_only():
+    components = Components(np.array([0, 1, 2, 4, 5]), np.array([0, 1, 0, 1, 0]))  # {0,2,5}, {1,4}, {3}, {6}
+    np.testing.assert_array_equal(components.labels_of(np.arange(7)), [0, 1, 0, 3, 1, 0, 6])
+    assert components.num_components == 2
 
 
 def test_relative_dedup_against_eval_set(tmp_path, make_pool):
     x, groups = make_pool()
     store = ArrayEmbeddings(x, chunk_rows=100)
     cfg = _cfg()
-    labels = self_dedup(store, cfg, Stage(tmp_path / "self", "dedup", {}))
+    components = self_dedup(store, cfg, Stage(tmp_path / "self", "dedup", {}))
+    labels = components.labels_of(np.arange(len(x)))
     # The evaluation set holds a noisy copy of the last member of group 0 and one unrelated vector.
     target = groups[0][-1]
     rng = np.random.default_rng(9)
     near = x[target] + 0.3 * rng.standard_normal(x.shape[1]) / np.sqrt(x.shape[1])
     far = rng.standard_normal(x.shape[1])
     evals = np.stack([near / np.linalg.norm(near), far / np.linalg.norm(far)]).astype(np.float32)
-    keep = relative_dedup(store, evals, labels, cfg, Stage(tmp_path / "rel", "relative", {}))
+    keep = relative_dedup(store, evals, components, cfg, Stage(tmp_path / "rel", "relative", {}))
     representatives = np.nonzero(labels == np.arange(len(x)))[0]
     np.testing.assert_array_equal(keep, np.setdiff1d(representatives, [groups[0].min()]))
     assert not np.isin(groups[0], keep).any()
@@ -82,7 +81,7 @@ class _Crashing(ArrayEmbeddings):
 def test_killed_stage_resumes_and_writes_the_same_manifest(tmp_path, make_pool):
     x, _ = make_pool()
     cfg, config = _cfg(), {"k": 8, "threshold": 0.6}
-    reference = self_dedup(ArrayEmbeddings(x, chunk_rows=100), cfg, Stage(tmp_path / "ref", "dedup", config))
+    reference = self_dedup(ArrayEmbeddings(x, chunk_rows=100), cfg, Stage(tmp_path / "ref", "dedup", config)).labels
 
     store = _Crashing(x, chunk_rows=100, crash_at=2)
     stage = Stage(tmp_path / "run", "dedup", config)
@@ -92,7 +91,7 @@ def test_killed_stage_resumes_and_writes_the_same_manifest(tmp_path, make_pool):
     assert json.loads(stage.manifest_path.read_text())["status"] == "running"
 
     store.reads.clear()
-    labels = self_dedup(store, cfg, Stage(tmp_path / "run", "dedup", config))
+    labels = self_dedup(store, cfg, Stage(tmp_path / "run", "dedup", config)).labels
     # Only the unfinished shards are queried again (the index build streams every chunk once).
     queried = store.reads[store.num_chunks():]
     assert queried == list(range(2, store.num_chunks()))
@@ -113,5 +112,5 @@ def test_changed_config_is_an_error_or_a_recompute(tmp_path, make_pool):
         self_dedup(store, _cfg(), Stage(tmp_path / "d", "dedup", {"threshold": 0.7}))
     cfg = _cfg()
     cfg.threshold = 0.99
-    labels = self_dedup(store, cfg, Stage(tmp_path / "d", "dedup", {"threshold": 0.99}, on_change="recompute"))
-    np.testing.assert_array_equal(labels, np.arange(len(x)))
+    components = self_dedup(store, cfg, Stage(tmp_path / "d", "dedup", {"threshold": 0.99}, on_change="recompute"))
+    assert len(components.rows) == 0

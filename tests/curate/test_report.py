@@ -9,8 +9,8 @@ from dinolab.curate.report import ReportConfig, largest_components, write_report
 
 
 def test_largest_components_by_hand():
-    labels = np.array([0, 1, 0, 3, 1, 0, 6])  # components {0, 2, 5}, {1, 4}, {3}, {6}
-    groups = largest_components(labels, how_many=3, per_row=2)
+    rows, labels = np.array([0, 1, 2, 4, 5]), np.array([0, 1, 0, 1, 0])  # {0, 2, 5}, {1, 4}; 3 and 6 alone
+    groups = largest_components(rows, labels, how_many=3, per_row=2)
     assert [g.tolist() for g in groups] == [[0, 2], [1, 4]]  # singletons are not duplicates
 
 
@@ -20,12 +20,12 @@ def test_report_files_and_grid_sizes(tmp_path):
         p = tmp_path / f"{i}.png"
         Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(p)
         paths.append(str(p))
-    labels = np.array([0, 0, 0, 3, 3, 5])
+    components = (np.arange(5), np.array([0, 0, 0, 3, 3]))  # row 5 is alone
     cluster, sim, rows = np.array([0, 0, 1, 1, 1, 1]), np.linspace(0, 1, 6), np.arange(6)
     cfg = ReportConfig(grid_rows=4, grid_cols=5, thumb=16)
     written = write_report(
         tmp_path / "report", {"pool": 6}, np.array([0.9, 0.9, 0.8, 0.7, 0.7, -np.inf]), {"dedup": 0.6},
-        paths_of=lambda r: [paths[i] for i in r], labels=labels, clusters=(cluster, sim, rows), cfg=cfg,
+        paths_of=lambda r: [paths[i] for i in r], components=components, clusters=(cluster, sim, rows), cfg=cfg,
     )
     assert set(written) == {"counts", "histogram", "duplicates", "clusters"}
     assert json.loads((tmp_path / "report" / "report.json").read_text()) == {"pool": 6}

@@ -90,7 +90,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
              "relative_dedup/keep.npz", "hierarchical/levels.npz", "hierarchical/sample.npz"]
     found = {name: (out / name).read_bytes() for name in files}
     with np.load(out / "dedup" / "components.npz") as data:
-        found["labels"] = data["labels"].tobytes()
+        found["components"] = data["rows"].tobytes() + data["labels"].tobytes()
     for i in range(6):
         with np.load(out / "cluster" / f"shard_{i:05d}.npz") as data:
             found[f"cluster {i}"] = b"".join(data[k].tobytes() for k in ("rows", "cluster", "sim"))
