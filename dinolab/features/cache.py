@@ -29,7 +29,7 @@ CACHE_FORMAT_VERSION = 1  # bump when the stored layout changes
 
 
 class FingerprintedImages(Protocol):
-    """A sequence of images that names its content (:class:`dinolab.eval.data.ImageSet`)."""
+    """A sequence of images that names its content (:class:`dinolab.data.labelled.ImageSet`)."""
 
     fingerprint: str
 

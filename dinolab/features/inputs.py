@@ -107,7 +107,7 @@ class ModelInputs(Dataset):
     """``(input [3, H, W], index, readable)`` per image of ``images``.
 
     ``images`` holds file paths, PIL images or uint8 arrays [h, w, 3] (any ``Sequence``, e.g. an
-    :class:`~dinolab.eval.data.ImageSet`). A path that cannot be read as an image (missing, truncated,
+    :class:`~dinolab.data.labelled.ImageSet`). A path that cannot be read as an image (missing, truncated,
     not an image; a FIFO, socket or device is never opened) gives a zero input and ``readable=False``, so
     the caller skips it and names it. Other sources raise as they do.
 
