@@ -48,5 +48,6 @@ def test_class_folders_one_folder_or_split_layout_hidden_folders_ignored(tmp_pat
 def test_builtin_is_the_fixed_split() -> None:
     data = read_labelled(None, image_size=16)
     x_train, y_train, x_test, y_test = load_builtin("digits", image_size=16)
-    assert np.array_equal(data.split("train").images.array, x_train) and np.array_equal(data.split("test").labels, y_test)
+    assert np.array_equal(data.split("train").images.array, x_train)
+    assert np.array_equal(data.split("test").labels, y_test)
     assert data.class_names == [str(i) for i in range(10)] and data.source == "builtin:digits"
