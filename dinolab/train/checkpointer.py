@@ -1,13 +1,14 @@
-"""Run-directory checkpoints: atomic writes, the last K kept, the latest found on resume.
+"""This run's checkpoints: one typed :class:`TrainState`, saved and resumed with model, optimizer, sampler and RNG.
 
-Layout::
+Layout (inside the run directory, :mod:`dinolab.train.run_dir`)::
 
-    RUN_DIR/
-      config.yaml                    the resolved config (written once, checked on resume)
-      checkpoints/ckpt_0001250.pth   one process: model + optimizer + sampler + RNG states, last K kept
-      checkpoints/dcp_0001250/       several ranks: the same, as a torch.distributed.checkpoint directory
-                                     (see dinolab.distributed.checkpoint); either kind resumes the run
-      metrics.jsonl, tb/, teacher_backbone.{pth,safetensors}, loss_curves.png, summary.json
+    checkpoints/ckpt_0001250.pth   one process: model + optimizer + sampler + RNG states + TrainState, last K kept
+    checkpoints/dcp_0001250/       several ranks: the same, as a torch.distributed.checkpoint directory
+                                   (see dinolab.distributed.checkpoint); either kind resumes the run
+
+:func:`save_checkpoint` writes the kind the process count calls for, :func:`resume_checkpoint` reads either on
+any number of ranks. Also the weights a new run starts from: :func:`read_model_state` (another run's
+checkpoint) and :func:`load_meta_weights` (``train.init_from``, ``--high-res``).
 """
 
 from __future__ import annotations
@@ -16,18 +17,25 @@ import pickle
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dinolab.data.samplers import InfiniteSampler
 from dinolab.distributed.checkpoint import (
     UnsafeCheckpointError,
     is_dcp_dir,
+    load_dcp,
+    load_full_state,
     load_train_state,
     read_dcp_metadata,
     read_dcp_tensors,
+    save_dcp,
 )
+from dinolab.distributed.env import DistEnv, all_gather_objects
+from dinolab.distributed.fsdp import unwrap
 from dinolab.utils.io import atomic_torch_save
 from dinolab.models.checkpoints import resample_pos_embed
 
@@ -117,6 +125,87 @@ class Checkpointer:
             reason = next((line for line in str(err).splitlines() if "WeightsUnpickler error" in line or
                            "Unsupported global" in line), str(err).splitlines()[0])
             raise UnsafeCheckpointError(f"{path} is not a safe checkpoint: {reason.strip()}") from None
+
+
+@dataclass
+class TrainState:
+    """Where the run is: saved in every checkpoint (as ``iteration`` and ``extra``), restored on resume."""
+
+    iteration: int = 0  # steps done
+    train_seconds: float = 0.0  # training time of every session so far, evaluation excluded
+    knn_top1_init: float | None = None  # k-NN top-1 at initialisation (None: no k-NN set)
+
+    def extra(self) -> dict:
+        """The checkpoint's ``extra`` entry."""
+        return {"knn_top1_init": self.knn_top1_init, "train_seconds": self.train_seconds}
+
+    @classmethod
+    def read(cls, saved: dict) -> TrainState:
+        """From a checkpoint's ``iteration`` and ``extra``."""
+        extra = saved["extra"]
+        return cls(saved["iteration"], extra["train_seconds"], extra["knn_top1_init"])
+
+
+def _cuda_rng_state() -> torch.Tensor | None:
+    """The current CUDA device's RNG state (drop path draws its subsets there on a GPU), or None."""
+    return torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
+def save_checkpoint(ckpt: Checkpointer, meta: nn.Module, optimizer: torch.optim.Optimizer, sampler: InfiniteSampler,
+                    state: TrainState, per_rank_batch: int, env: DistEnv) -> Path:
+    """A checkpoint of ``state.iteration``: one file in one process, else a DCP directory (every rank calls this:
+    the RNG states are gathered). The last ``keep_last`` are kept."""
+    consumed = state.iteration * per_rank_batch  # by this rank's sampler
+    if not env.distributed:
+        return ckpt.save({"iteration": state.iteration, "model": meta.state_dict(), "optimizer": optimizer.state_dict(),
+                          "sampler": sampler.state_dict(consumed=consumed), "torch_rng": torch.get_rng_state(),
+                          "cuda_rng": _cuda_rng_state(), "extra": state.extra()}, state.iteration)
+    common = {"iteration": state.iteration, "sampler": sampler.state_dict(consumed=consumed)}
+    ema_name = next(name for name, module in meta.named_children() if module is meta.ema)
+    train_state = {**common, "torch_rng": all_gather_objects(torch.get_rng_state()),
+                   "cuda_rng": all_gather_objects(_cuda_rng_state()), "extra": state.extra(),
+                   "export_prefix": f"{ema_name}.backbone.", "export_arch": unwrap(meta.export_backbone).arch_kwargs}
+    path = save_dcp(ckpt.dcp_path(state.iteration), meta, optimizer, train_state)
+    if env.is_main:
+        ckpt.prune()
+    return path
+
+
+def resharded_sampler_state(saved: dict, sampler: InfiniteSampler) -> dict:
+    """A sampler state saved by a run on ``W`` ranks, for ``sampler`` (rank r of ``W'``): the same
+    global position, ``position * W / W'`` items per rank. Exact for ``W' == W``; otherwise the run
+    continues the same epoch permutation from (about) the same global offset."""
+    return {
+        **saved,
+        "rank": sampler.rank,
+        "world_size": sampler.world_size,
+        "position": saved["position"] * saved["world_size"] // sampler.world_size,
+    }
+
+
+def resume_checkpoint(path: Path, state: dict | None, meta: nn.Module, optimizer: torch.optim.Optimizer,
+                      sampler: InfiniteSampler, seed: int, env: DistEnv) -> TrainState:
+    """Load a checkpoint into this run (any number of ranks). ``state``: the file's content as
+    :meth:`Checkpointer.latest_intact` read it (``None`` for a DCP directory). On another number of ranks the
+    RNG streams cannot continue: each rank starts a fresh one (drop-path subsets only)."""
+    if is_dcp_dir(path):
+        state = load_dcp(path, meta, optimizer)
+        rng_states, cuda_states = state["torch_rng"], state.get("cuda_rng") or []
+    else:
+        if env.distributed:
+            load_full_state(meta, optimizer, state["model"], state["optimizer"])
+        else:
+            meta.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        rng_states, cuda_states = [state["torch_rng"]], [state.get("cuda_rng")]
+    sampler.load_state_dict(resharded_sampler_state(state["sampler"], sampler))
+    if len(rng_states) == env.world_size:
+        torch.set_rng_state(rng_states[env.rank])
+        if len(cuda_states) == env.world_size and cuda_states[env.rank] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda_states[env.rank])
+    else:
+        torch.manual_seed(seed + 1 + env.rank + 1_000_003 * state["iteration"])
+    return TrainState.read(state)
 
 
 def run_config_path(checkpoint: str | Path) -> Path:

@@ -20,7 +20,7 @@ from dinolab.distributed.checkpoint import load_dcp, load_full_state, save_dcp
 from dinolab.distributed.env import init_distributed, mean_over_ranks, shutdown
 from dinolab.distributed.fsdp import parallelize
 from dinolab.losses import koleo_loss
-from dinolab.train.loop import build_optimizer, schedule_config
+from dinolab.train.build import build_optimizer, schedule_config
 from dinolab.train.meta_arch import SSLMetaArch, _nonfinite_everywhere
 from dinolab.train.schedules import schedule_values
 from dinolab.train.step import train_step

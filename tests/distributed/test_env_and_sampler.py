@@ -6,7 +6,7 @@ import numpy as np
 
 from dinolab.data.samplers import InfiniteSampler
 from dinolab.distributed import env
-from dinolab.train.loop import resharded_sampler_state
+from dinolab.train.checkpointer import resharded_sampler_state
 
 
 def test_without_torchrun_everything_answers_for_one_process(monkeypatch):

@@ -14,7 +14,8 @@ from dinolab.models.vit import DinoVisionTransformer
 from dinolab.train.adapt import AdaptMetaArch
 from dinolab.train.cli import build_config
 from dinolab.data.loader import build_loader
-from dinolab.train.loop import build_meta_arch, build_optimizer, schedule_config, train
+from dinolab.train.build import build_meta_arch, build_optimizer, schedule_config
+from dinolab.train.loop import train
 from dinolab.train.schedules import schedule_values
 from dinolab.train.step import train_step
 from tiny_run import TINY_RUN

@@ -4,7 +4,7 @@ import torch
 from dinolab.configs import load_config
 from dinolab.data.collate import collate_crops
 from dinolab.data.masking import MaskingGenerator
-from dinolab.train.loop import build_optimizer, schedule_config
+from dinolab.train.build import build_optimizer, schedule_config
 from dinolab.train.meta_arch import SSLMetaArch
 from dinolab.train.schedules import schedule_values
 from dinolab.train.step import train_step

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from dinolab.configs import load_config
 from dinolab.data.collate import collate_crops
 from dinolab.data.masking import MaskingGenerator
-from dinolab.train.loop import build_optimizer
+from dinolab.train.build import build_optimizer
 from dinolab.train.meta_arch import SSLMetaArch
 from dinolab.train.schedules import ScheduleValues
 from dinolab.train.step import train_step
