@@ -14,7 +14,7 @@ random) members. Reference defaults for web images (``cur:configs/4levels_web_ba
 clusters {100k x 100 split, 500k, 50k, 10k}, resampling steps {1, 10, 10, 10}, sample sizes
 {1, 10, 5, 3}, 50 iterations, closest-to-centroid sampling.
 
-Under ``torchrun`` level 1 is distributed like the pool k-means (:func:`~dinolab.curate.cluster.lloyd`:
+Under ``torchrun`` level 1 is distributed like the pool k-means (:func:`~dinolab.curate.kmeans.lloyd`:
 each rank its own chunks, centroid sums and counts all-reduced per iteration as exact integers), and so
 are its resampling steps and the leaf sampling: each rank proposes its best members per cluster, the
 proposals are gathered and the choice made again. The upper levels (centroids only) run on every rank
@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dinolab.curate import collective
-from dinolab.curate.cluster import assign, kmeans_plus_plus, lloyd, rank_in_group, sample_rows
+from dinolab.curate.cluster import rank_in_group, sample_rows
+from dinolab.curate.kmeans import assign, kmeans_plus_plus, lloyd
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import ArrayEmbeddings, EmbeddingStore
 from dinolab.utils.io import atomic_save_npz

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 
 from dinolab.curate.cluster import KMeansConfig, pool_kmeans, rank_in_group, take_per_cluster
+from dinolab.curate.kmeans import kmeans_plus_plus
 from dinolab.curate.hierarchical import HierarchicalConfig, balanced_sample, hierarchical_kmeans, split_target
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import ArrayEmbeddings
@@ -27,6 +28,17 @@ def test_pool_kmeans_recovers_separated_clusters(tmp_path):
                          Stage(tmp_path / "c", "cluster", {}))
     assert _same_partition(result.cluster, labels)
     np.testing.assert_allclose(result.sim, np.sum(x * result.centroids[result.cluster], axis=1), atol=1e-5)
+
+
+def test_kmeans_plus_plus_seeds_one_centre_per_separated_blob():
+    # after a centre in one blob its members weigh ~0.013 (1 - cosine) and the other blobs' ~1, so the next
+    # centre falls in a new blob with probability ~0.99 per draw: all four blobs ~98% of the time
+    # (a uniform draw of 4 rows: 0.75 x 0.5 x 0.25 = 9%)
+    x, labels = _blobs([40, 40, 40, 40], spread=0.02, seed=3)
+    store = ArrayEmbeddings(x, chunk_rows=50)
+    blobs_found = [len(set(np.argmax(kmeans_plus_plus(store, np.arange(len(x)), 4, seed) @ np.eye(4, 32).T, axis=1)))
+                   for seed in range(20)]
+    assert blobs_found.count(4) >= 17
 
 
 def test_rank_in_group_by_hand():
