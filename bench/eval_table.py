@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from dinolab.eval.cli import PROTOCOLS, build_config, evaluate, load_model
-from dinolab.eval.features import model_fingerprint
+from dinolab.features.cache import model_fingerprint
 from dinolab.eval.report import write_results
 from dinolab.utils.io import atomic_write_json, atomic_write_text
 

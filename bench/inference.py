@@ -24,14 +24,14 @@ def measure(impl: str, arch: str, precision: str, batch: int, size: int, iters: 
     from dinolab.models import build_backbone
     from dinolab.models.hf import to_hf_model
 
-    from dinolab.extract import compile_blocks
+    from dinolab.utils.runtime import compile_blocks
 
     torch.manual_seed(0)
     # interpolate_offset 0: the exact-size resampling HF uses, so both compute the same outputs at 224
     ours = build_backbone(arch, interpolate_offset=0.0).eval()
     model = to_hf_model(ours) if impl == "hf" else ours
     if impl == "dinolab+compile":
-        compile_blocks(ours)
+        compile_blocks([ours], dynamic=None)
     torch.manual_seed(1)  # the same input in every subprocess, whatever building the models consumed
     x = torch.randn(batch, 3, size, size)
 

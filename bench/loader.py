@@ -22,6 +22,7 @@ from itertools import islice
 import torch
 from torch.utils.data import DataLoader
 
+from dinolab.configs.schema import CropsConfig
 from dinolab.data.augment import MultiCropAugmentation
 from dinolab.data.collate import collate_crops
 from dinolab.data.datasets import MultiCropDataset, open_dataset
@@ -31,8 +32,8 @@ from dinolab.data.samplers import InfiniteSampler
 TRAIN_STEP_IMAGES_PER_S = {"official": 0.90, "small": 37.0}
 SETTINGS = {
     # name: (augmentation, patch size, batch size)
-    "official": (MultiCropAugmentation(), 14, 16),
-    "small": (MultiCropAugmentation(global_crops_size=32, local_crops_size=16, local_crops_number=6), 4, 64),
+    "official": (MultiCropAugmentation(CropsConfig(local_crops_size=98)), 14, 16),
+    "small": (MultiCropAugmentation(CropsConfig(global_crops_size=32, local_crops_size=16, local_crops_number=6)), 4, 64),
 }
 
 

@@ -55,7 +55,7 @@ def test_run_and_weights_resolve_to_the_runs_arch_and_size(run):
 
 
 def test_extract_with_run_uses_its_crop_size(run, tmp_path):
-    from dinolab.extract import load_features
+    from dinolab.features.store import load_features
 
     run_dir, images, _ = run
     out = tmp_path / "f.npz"
