@@ -23,8 +23,9 @@ of the edges above the threshold (the ratio printed is exact / IVF).
 
 With ``--ranks 1,2`` it runs the whole pipeline (``run_curation``, every stage distributed) instead, once
 per rank count, each rank a gloo process on CPU as ``torchrun`` would start it, on the same synthetic
-pool (saved as ``.npy``, memory-mapped), and prints wall time, the peak RSS of every rank and the planted
-duplicate recall; ``--json-out F`` writes ``[{"ranks", "peak_rss_mb", "recall", "seconds"}, ...]``:
+pool (saved as ``.npy``, memory-mapped: a rank's RSS counts the file pages it read), and prints wall time,
+the peak RSS of every rank and the planted duplicate recall; ``--json-out F`` writes
+``[{"ranks", "peak_rss_mb", "recall", "seconds", "curated_sha"}, ...]``:
 
     python bench/curate.py --ranks 1,2 --rows 200000 --json-out ranks.json
 """
@@ -32,7 +33,11 @@ duplicate recall; ``--json-out F`` writes ``[{"ranks", "peak_rss_mb", "recall", 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import resource
+import socket
 import sys
 import tempfile
 import time
@@ -155,9 +160,6 @@ class Timer:
 
 
 def _rank_entry(rank: int, world_size: int, port: int, folder: str, cfg_kwargs: dict) -> None:
-    import json
-    import os
-
     import torch
 
     from dinolab.curate.pipeline import CurateConfig, run_curation
@@ -180,9 +182,6 @@ def _rank_entry(rank: int, world_size: int, port: int, folder: str, cfg_kwargs: 
 
 def bench_ranks(args: argparse.Namespace) -> int:
     """The whole pipeline on 1, 2, ... gloo ranks: wall time, peak RSS per rank, duplicate recall."""
-    import json
-    import socket
-
     import torch.multiprocessing as mp
 
     counts = [int(r) for r in args.ranks.split(",")]
@@ -201,8 +200,7 @@ def bench_ranks(args: argparse.Namespace) -> int:
         for world_size in counts:
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            t0 = time.perf_counter()
+                port, t0 = sock.getsockname()[1], time.perf_counter()
             mp.start_processes(_rank_entry, args=(world_size, port, tmp, cfg_kwargs), nprocs=world_size,
                                join=True, start_method="spawn")
             seconds = time.perf_counter() - t0
@@ -210,9 +208,9 @@ def bench_ranks(args: argparse.Namespace) -> int:
                 labels = Components(data["rows"], data["labels"]).labels_of(np.arange(args.rows))
             recall = duplicate_recall(labels, group)["pair_recall"]
             rss = [json.loads((root / f"rss-{world_size}-{r}.json").read_text()) for r in range(world_size)]
-            curated = (root / f"out-{world_size}" / "curated.jsonl").read_bytes()
+            curated = hashlib.sha1((root / f"out-{world_size}" / "curated.jsonl").read_bytes()).hexdigest()[:12]
             results.append({"ranks": world_size, "peak_rss_mb": [round(m, 1) for m in rss], "recall": recall,
-                            "seconds": round(seconds, 1), "curated_sha": __import__("hashlib").sha1(curated).hexdigest()[:12]})
+                            "seconds": round(seconds, 1), "curated_sha": curated})
     print(f"\npool {args.rows:,} x {args.dim}, index {args.index}, chunk {args.chunk}, k-means {args.kmeans_k}")
     print(f"{'ranks':>5} {'seconds':>8} {'peak RSS per rank (MB)':>28} {'pair recall':>12} {'curated.jsonl':>14}")
     for r in results:
@@ -280,9 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         large = ArrayEmbeddings(_noisy(rng, x[rng.choice(args.n, args.seed_large, replace=False)], 0.8))
         small = ArrayEmbeddings(_noisy(rng, x[rng.choice(args.n, args.seed_small, replace=False)], 0.8))
         method_l, rows_l, _ = timer.run("retrieval: sample-based (large set)", retrieve_sharded, "large", large,
-                                        retrieval_index, clusters, args.n, RetrieveConfig(method="sample"))
+                                        retrieval_index, clusters, RetrieveConfig(method="sample"))
         method_s, rows_s, _ = timer.run("retrieval: cluster-based (small set)", retrieve_sharded, "small", small,
-                                        retrieval_index, clusters, args.n,
+                                        retrieval_index, clusters,
                                         RetrieveConfig(method="cluster", per_cluster=1000, cap=200_000))
 
     total = sum(t for name, t, _ in timer.rows if not name.startswith(("generate", "exact", "  ")))

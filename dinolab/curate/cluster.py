@@ -3,10 +3,10 @@
 DINOv2 App. A.4 clusters the deduplicated pool into 100k clusters for cluster-based retrieval.
 The pool k-means (:func:`pool_kmeans`) trains on at most ``max_points_per_centroid x k`` rows (a random
 sample), each rank holding the sample rows of its own chunks, with centroid sums and counts
-all-reduced per iteration (:func:`sharded_kmeans`, :func:`~dinolab.curate.kmeans.lloyd`); every row is then assigned to its most similar
-centroid, one chunk per resumable shard, each rank its own chunks. Memory per rank: its part of the
-sample, the ``k x D`` centroids and integer sums, one chunk; on rank 0 the per-row results
-(20 bytes x K kept rows) for retrieval.
+all-reduced per iteration (:func:`sharded_kmeans`, :func:`~dinolab.curate.kmeans.lloyd`); every row
+is then assigned to its most similar centroid, one chunk per resumable shard, each rank its own chunks. Memory per rank: its part of the
+sample, the ``k x D`` centroids and integer sums, one chunk, and the assignment of its own chunks
+(20 bytes per kept row) for retrieval.
 
 Stage folder: ``centroids.npy`` [K, D] and one shard per chunk with ``rows``, ``cluster``, ``sim``.
 """
@@ -49,11 +49,11 @@ class KMeansConfig:
 
 @dataclass
 class ClusterAssignment:
-    """Rows of the pool and the cluster each belongs to.
+    """Rows of the pool and the cluster each belongs to: under torchrun, the rows of this rank's chunks.
 
     Attributes:
         centroids: [K, D] unit centroids.
-        rows: [M] pool rows clustered (sorted).
+        rows: [M] pool rows clustered (sorted; this rank's).
         cluster: [M] int64 cluster of each row.
         sim: [M] float32 cosine similarity of each row to its centroid.
     """
@@ -63,11 +63,13 @@ class ClusterAssignment:
     cluster: np.ndarray
     sim: np.ndarray
 
-    def cluster_of_rows(self, num_rows: int) -> np.ndarray:
-        """[num_rows] cluster per pool row, -1 for rows that were not clustered."""
-        lookup = np.full(num_rows, -1, dtype=np.int64)
-        lookup[self.rows] = self.cluster
-        return lookup
+    def clusters_of(self, rows: np.ndarray) -> np.ndarray:
+        """[n] cluster of each of the given pool rows held here, -1 for the others."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(self.rows):
+            return np.full(len(rows), -1, np.int64)
+        at = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)
+        return np.where(self.rows[at] == rows, self.cluster[at], -1)
 
 
 def sample_rows(rows: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -98,7 +100,7 @@ def sharded_kmeans(store: EmbeddingStore, rows: np.ndarray, cfg: KMeansConfig) -
     return lloyd(store, sample_rows(rows, k * cfg.max_points_per_centroid, cfg.seed), k, cfg.n_iter, cfg.seed)
 
 
-def pool_kmeans(store: EmbeddingStore, rows: np.ndarray, cfg: KMeansConfig, stage: Stage) -> ClusterAssignment | None:
+def pool_kmeans(store: EmbeddingStore, rows: np.ndarray, cfg: KMeansConfig, stage: Stage) -> ClusterAssignment:
     """Cluster ``rows`` of the pool (resumable; collective under torchrun).
 
     Centroids once (:func:`sharded_kmeans`, saved by rank 0 as ``centroids.npy``), then one assignment
@@ -111,7 +113,7 @@ def pool_kmeans(store: EmbeddingStore, rows: np.ndarray, cfg: KMeansConfig, stag
         stage: the cluster stage.
 
     Returns:
-        The assignment on rank 0 (:func:`load_assignment`); ``None`` on other ranks.
+        This rank's part of the assignment (:func:`load_assignment` of its own chunks), on every rank.
     """
     rows = np.asarray(rows, dtype=np.int64)
     centroids_file = stage.path("centroids.npy")
@@ -132,12 +134,13 @@ def pool_kmeans(store: EmbeddingStore, rows: np.ndarray, cfg: KMeansConfig, stag
         if rank == 0:
             stage.finish({"n_clusters": int(len(centroids)), "num_rows": int(len(rows))}, num_shards)
         collective.barrier()
-    return load_assignment(stage, num_shards) if rank == 0 else None
+    return load_assignment(stage, collective.my_chunks(num_shards))
 
 
-def load_assignment(stage: Stage, num_shards: int) -> ClusterAssignment:
-    """The :class:`ClusterAssignment` stored by a finished :func:`pool_kmeans` stage."""
-    shards = [stage.load_shard(i) for i in range(num_shards)]
+def load_assignment(stage: Stage, shards: list[int]) -> ClusterAssignment:
+    """The :class:`ClusterAssignment` of the given shards (chunks) of a finished :func:`pool_kmeans` stage."""
+    shards = [stage.load_shard(i) for i in shards] or [{"rows": np.zeros(0, np.int64),
+                                                        "cluster": np.zeros(0, np.int64), "sim": np.zeros(0)}]
     return ClusterAssignment(
         centroids=np.load(stage.path("centroids.npy")),
         rows=np.concatenate([s["rows"] for s in shards]).astype(np.int64),
@@ -146,47 +149,23 @@ def load_assignment(stage: Stage, num_shards: int) -> ClusterAssignment:
     )
 
 
-def rank_in_group(groups: np.ndarray, key: np.ndarray) -> np.ndarray:
-    """Position of each element within its group when the group is sorted by ``key`` ascending.
-
-    Args:
-        groups: [M] int group of each element.
-        key: [M] sort key (ties broken by element index).
-
-    Returns:
-        [M] int64 rank, 0 for the element with the smallest key of its group.
-    """
-    order = np.lexsort((np.arange(len(groups)), key, groups))
-    sorted_groups = groups[order]
-    starts = np.r_[0, np.nonzero(np.diff(sorted_groups))[0] + 1]
-    group_start = np.repeat(starts, np.diff(np.r_[starts, len(groups)]))
-    ranks = np.empty(len(groups), dtype=np.int64)
-    ranks[order] = np.arange(len(groups)) - group_start
-    return ranks
-
-
-def take_per_cluster(
-    cluster: np.ndarray, sim: np.ndarray, quota: np.ndarray, strategy: str = "closest", seed: int = 0
-) -> np.ndarray:
-    """Indices of the elements selected from every cluster, at most ``quota[c]`` from cluster c.
-
-    Args:
-        cluster: [M] cluster of each element.
-        sim: [M] similarity to the cluster centroid.
-        quota: [K] elements wanted from each cluster.
-        strategy: ``closest`` (highest similarity to the centroid first) or ``random``.
-        seed: seed for ``random``.
-
-    Returns:
-        Sorted element indices [S] int64.
-    """
-    if strategy == "closest":
-        key = -np.asarray(sim, dtype=np.float64)
-    elif strategy == "random":
-        key = np.random.default_rng(seed).random(len(cluster))
-    else:
-        raise ValueError(f"sampling strategy must be 'closest' or 'random', got {strategy!r}")
-    if len(cluster) == 0:
-        return np.zeros(0, dtype=np.int64)
-    ranks = rank_in_group(cluster, key)
-    return np.nonzero(ranks < quota[cluster])[0].astype(np.int64)
+def example_rows(stage: Stage, num_shards: int, how_many: int, per_row: int, seed: int) -> list[np.ndarray]:
+    """Pool rows of ``how_many`` random clusters of a finished stage, closest to the centroid first
+    (for the report; reads the shards one at a time and keeps only the members of the chosen clusters)."""
+    present = [np.unique(stage.load_shard(i)["cluster"]) for i in range(num_shards)]
+    present = np.unique(np.concatenate(present)) if present else np.zeros(0, np.int64)
+    if not len(present):
+        return []
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(present, size=min(how_many, len(present)), replace=False))
+    parts = []
+    for i in range(num_shards):
+        shard = stage.load_shard(i)
+        member = np.isin(shard["cluster"], chosen)
+        parts.append((shard["cluster"][member], shard["sim"][member], shard["rows"][member]))
+    cluster, sim, rows = (np.concatenate(p) for p in zip(*parts, strict=True))
+    examples = []
+    for c in chosen:
+        members = np.nonzero(cluster == c)[0]
+        examples.append(rows[members[np.argsort(-sim[members])][:per_row]])
+    return examples

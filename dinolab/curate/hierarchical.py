@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dinolab.curate import collective
-from dinolab.curate.cluster import rank_in_group, sample_rows
+from dinolab.curate.cluster import sample_rows
 from dinolab.curate.kmeans import assign, kmeans_plus_plus, lloyd
+from dinolab.curate.selection import select_per_cluster, sort_key
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import ArrayEmbeddings, EmbeddingStore
 from dinolab.utils.io import atomic_save_npz
@@ -49,7 +50,7 @@ class HierarchicalConfig:
         max_points_per_centroid: level-1 training sample per centroid.
         sampling: leaf sampling, ``closest`` or ``random``.
         target_size: images to sample; 0 = half of the clustered rows.
-        seed: seed for sampling and k-means (``random`` sampling keys each row by it, :func:`row_keys`).
+        seed: seed for sampling and k-means (``random`` sampling keys each row by it, :func:`~dinolab.curate.selection.row_keys`).
         use_gpu: unused (k-means here is exact-integer Lloyd on CPU; kept so that configs still load).
     """
 
@@ -103,37 +104,6 @@ def _assign_rows(store: EmbeddingStore, rows: np.ndarray, centroids: np.ndarray,
     return tuple(np.concatenate(parts) for parts in zip(*found, strict=True))
 
 
-def select_per_cluster(level: Level, quota: np.ndarray, key: np.ndarray, to_root: bool = False) -> tuple:
-    """The ``quota[c]`` items of every cluster c with the smallest ``key`` (ties: lowest item), over all ranks.
-
-    Each rank keeps its own best candidates per cluster; the candidates of all ranks are gathered and the
-    choice made again, so it does not depend on the number of ranks.
-
-    Args:
-        level: a :class:`Level`.
-        quota: [K] items wanted per cluster.
-        key: [M_l] sort key of each of this rank's items.
-        to_root: gather to rank 0 only (the others get ``None, None``) instead of to every rank.
-
-    Returns:
-        items [S] (sorted) and their similarities [S].
-    """
-    def best(items, cluster, sim, k):
-        picked = np.nonzero(rank_in_group(cluster, k) < quota[cluster])[0] if len(items) else np.zeros(0, np.int64)
-        return items[picked], cluster[picked], sim[picked], k[picked]
-
-    mine = best(level.rows, level.assignment, level.sim, key)
-    if not level.sharded:
-        return mine[0], mine[2]
-    gathered = collective.gather(mine) if to_root else collective.all_gather(mine)
-    if gathered is None:
-        return None, None
-    items, cluster, sim, k = (np.concatenate(parts) for parts in zip(*gathered, strict=True))
-    order = np.argsort(items, kind="stable")  # ties by item: rank_in_group breaks them by position
-    items, _, sim, _ = best(items[order], cluster[order], sim[order], k[order])
-    return items, sim
-
-
 def kmeans_level(
     store: EmbeddingStore, rows: np.ndarray, k: int, steps: int, sample_size: int, cfg: HierarchicalConfig,
     sharded: bool,
@@ -145,7 +115,9 @@ def kmeans_level(
     centroids = lloyd(store, sample, k, cfg.n_iter, cfg.seed, init=kmeans_plus_plus(store, sample, k, cfg.seed))
     level = Level(centroids, *_assign_rows(store, rows, centroids, chunks), sharded=sharded)
     for _ in range(steps if sample_size > 1 else 0):
-        closest, _ = select_per_cluster(level, np.full(k, sample_size), -level.sim.astype(np.float64))
+        key = sort_key("closest", level.rows, level.sim)
+        closest, _, _ = select_per_cluster(level.rows, level.assignment, level.sim, key, np.full(k, sample_size),
+                                           sharded)
         centroids = lloyd(store, closest, k, cfg.n_iter, cfg.seed, init=centroids)
         level = Level(centroids, *_assign_rows(store, rows, centroids, chunks), sharded=sharded)
     return level
@@ -193,17 +165,6 @@ def split_target(sizes: np.ndarray, target: int, rng: np.random.Generator) -> np
     return quota
 
 
-def row_keys(rows: np.ndarray, seed: int) -> np.ndarray:
-    """A pseudo-random key in [0, 1) for every pool row (splitmix64 of row and seed): the same for a row
-    whichever rank holds it, so random sampling does not depend on the number of ranks."""
-    with np.errstate(over="ignore"):
-        z = np.asarray(rows, np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
 def balanced_sample(levels: list[Level], cfg: HierarchicalConfig) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Balanced sample of pool rows from the hierarchy (module docstring), collective.
 
@@ -215,8 +176,7 @@ def balanced_sample(levels: list[Level], cfg: HierarchicalConfig) -> tuple[np.nd
         sorted pool rows [S] int64 and their similarity to their level-1 centroid [S], on rank 0
         (``None, None`` on the others).
     """
-    if cfg.sampling not in ("closest", "random"):
-        raise ValueError(f"sampling strategy must be 'closest' or 'random', got {cfg.sampling!r}")
+    key = sort_key(cfg.sampling, levels[0].rows, levels[0].sim, cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     bottom = levels[0]
     sizes = [collective.all_reduce_sum(np.bincount(bottom.assignment, minlength=len(bottom.centroids)))]
@@ -230,8 +190,8 @@ def balanced_sample(levels: list[Level], cfg: HierarchicalConfig) -> tuple[np.nd
             children = np.nonzero(parent_of_child == parent)[0]
             child_quota[children] = split_target(sizes[depth - 1][children], int(quota[parent]), rng)
         quota = child_quota
-    key = -bottom.sim.astype(np.float64) if cfg.sampling == "closest" else row_keys(bottom.rows, cfg.seed)
-    return select_per_cluster(bottom, quota, key, to_root=True)
+    rows, _, sims = select_per_cluster(bottom.rows, bottom.assignment, bottom.sim, key, quota, to_root=True)
+    return rows, sims
 
 
 def run_hierarchical(

@@ -22,10 +22,10 @@ retrieval caps),
 writes manifests, ``curated.jsonl`` and the report, while the others wait at barriers. Outputs do not
 depend on the number of ranks. Hierarchical k-means is distributed like the pool k-means
 (:mod:`dinolab.curate.hierarchical`).
-Memory per rank is bounded by the shard / chunk size and its shard of the Faiss index, plus the
-components (rows that have a duplicate, every rank) and the kept-row list (every rank); rank 0 also holds
-per-row arrays for the guard and the report (nearest-neighbour similarities, 4 bytes x N) and the
-k-means assignment of the kept rows for cluster-based retrieval (about 20 bytes x K).
+Memory per rank is bounded by the shard / chunk size, its shard of the Faiss index and the k-means
+assignment of its own chunks, plus the components (rows that have a duplicate) and the kept-row list
+(8 bytes per kept row) on every rank; rank 0 also reads the nearest-neighbour similarities of the
+whole pool (4 bytes x N) for the guard and the report's histogram.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dinolab.curate.cluster import ClusterAssignment, KMeansConfig, pool_kmeans
+from dinolab.curate.cluster import ClusterAssignment, KMeansConfig, example_rows, pool_kmeans
 from dinolab.curate.dedup import (
     Components,
     DedupConfig,
@@ -278,7 +278,7 @@ def run_curation(
             relative_similarities(relative_stage), cfg.dedup.relative_threshold))
 
     methods = {n: cfg.retrieve.method_for(s.num_rows) for n, s in seed_stores.items()}
-    clusters, cluster_hash = None, None
+    clusters, cluster_hash, cluster_stage = None, None, None
     if "cluster" in methods.values():
         cluster_stage = Stage(out / "cluster", "cluster", {
             "kept": relative_stage.hash, "kmeans": _result_key(cfg.kmeans),
@@ -303,7 +303,7 @@ def run_curation(
     write_jsonl(out / "curated.jsonl", curated)
     counts["curated"] = len(curated)
 
-    _report(out, store, counts, dedup_stage, components, clusters, cfg)
+    _report(out, store, counts, dedup_stage, components, cluster_stage if clusters is not None else None, cfg)
     _barrier()
     return counts
 
@@ -360,8 +360,7 @@ def _retrieve_all(
                 continue
             if not index:  # collective: every rank sees the same unfinished seed sets
                 index.append(indexes.over(keep))
-            method, rows, sims = retrieve_sharded(name, seed_stores[name], index[0], clusters, store.num_rows,
-                                                  cfg.retrieve)
+            method, rows, sims = retrieve_sharded(name, seed_stores[name], index[0], clusters, cfg.retrieve)
             if rank == 0:
                 stage.write_shard(i, {"rows": rows, "sims": sims}, {"seed_set": name, "method": method})
         index.clear()
@@ -387,7 +386,7 @@ def _report(
     counts: dict[str, Any],
     dedup_stage: Stage,
     components: Components,
-    clusters: ClusterAssignment | None,
+    cluster_stage: Stage | None,
     cfg: CurateConfig,
 ) -> None:
     has_paths = store.paths(np.zeros(1, np.int64)) is not None if store.num_rows else False
@@ -398,7 +397,8 @@ def _report(
         {"dedup": cfg.dedup.threshold, "relative dedup": cfg.dedup.relative_threshold},
         paths_of=store.paths if has_paths else None,
         components=(components.rows, components.labels),
-        clusters=None if clusters is None else (clusters.cluster, clusters.sim, clusters.rows),
+        cluster_groups=example_rows(cluster_stage, store.num_chunks(), cfg.report.grid_rows, cfg.report.grid_cols,
+                                    cfg.report.seed) if cluster_stage is not None and has_paths else None,
         cfg=cfg.report,
     )
     counts["report"] = written

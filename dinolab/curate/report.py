@@ -94,20 +94,6 @@ def largest_components(rows: np.ndarray, labels: np.ndarray, how_many: int, per_
     return [rows[labels == c][:per_row] for c in biggest]
 
 
-def cluster_examples(
-    cluster: np.ndarray, sim: np.ndarray, rows: np.ndarray, how_many: int, per_row: int, seed: int
-) -> list[np.ndarray]:
-    """Pool rows of ``how_many`` random clusters, closest to the centroid first."""
-    present = np.unique(cluster)
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(present, size=min(how_many, len(present)), replace=False))
-    examples = []
-    for c in chosen:
-        members = np.nonzero(cluster == c)[0]
-        examples.append(rows[members[np.argsort(-sim[members])][:per_row]])
-    return examples
-
-
 def write_report(
     folder: str | Path,
     counts: dict[str, Any],
@@ -115,7 +101,7 @@ def write_report(
     thresholds: dict[str, float],
     paths_of: Any | None = None,
     components: tuple[np.ndarray, np.ndarray] | None = None,
-    clusters: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    cluster_groups: list[np.ndarray] | None = None,
     cfg: ReportConfig | None = None,
 ) -> dict[str, str]:
     """Write the report files.
@@ -128,7 +114,8 @@ def write_report(
         paths_of: callable rows -> list of paths or None (no picture grids without paths).
         components: (rows [M], labels [M]) self-dedup components of the rows that have duplicates
             (for the duplicate grid).
-        clusters: (cluster [M], sim [M], rows [M]) k-means assignment (for the cluster grid).
+        cluster_groups: pool rows of some clusters, closest to the centroid first, one list per grid row
+            (:func:`dinolab.curate.cluster.example_rows`).
 
     Returns:
         Names of the files written, by kind.
@@ -147,9 +134,8 @@ def write_report(
         if groups and paths_of(groups[0]) is not None:
             if save_grid(folder / "duplicates.png", [paths_of(g) for g in groups], cfg.thumb):
                 written["duplicates"] = "duplicates.png"
-    if clusters is not None and len(clusters[0]):
-        groups = cluster_examples(*clusters, cfg.grid_rows, cfg.grid_cols, cfg.seed)
-        grid = [paths_of(g) for g in groups]
+    if cluster_groups:
+        grid = [paths_of(g) for g in cluster_groups]
         if grid[0] is not None and save_grid(folder / "clusters.png", grid, cfg.thumb):
             written["clusters"] = "clusters.png"
     return written

@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from dinolab.curate.cluster import ClusterAssignment, take_per_cluster
+from dinolab.curate import collective
+from dinolab.curate.cluster import ClusterAssignment
 from dinolab.curate.index import PoolIndex
+from dinolab.curate.selection import select_per_cluster, sort_key
 from dinolab.curate.store import ArrayEmbeddings, EmbeddingStore
 from dinolab.utils.io import atomic_path
 
@@ -90,16 +92,15 @@ def sample_based(
 
 
 def search_seed_set(
-    index: PoolIndex, seeds: EmbeddingStore | np.ndarray, k: int
+    index: PoolIndex, seeds: EmbeddingStore | np.ndarray, k: int, gather: bool = True
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """k nearest pool rows of every seed, each rank searching its own chunks of the seed set (collective
-    with a sharded index); the candidates are gathered on rank 0.
+    with a sharded index); the candidates are gathered on rank 0 (``gather``) or stay on their rank.
 
     Returns:
-        sims [S, k], rows [S, k] on rank 0 (seeds in rank-then-chunk order); ``None, None`` elsewhere.
+        sims [S, k], rows [S, k] on rank 0 (seeds in rank-then-chunk order); ``None, None`` elsewhere;
+        without ``gather``, this rank's seeds' on every rank.
     """
-    from dinolab.curate import collective
-
     if isinstance(seeds, np.ndarray):
         seeds = ArrayEmbeddings(seeds)
     mine = collective.my_chunks(seeds.num_chunks())
@@ -109,8 +110,8 @@ def search_seed_set(
         sims, rows = index.search(queries, k)
         if j < len(mine):
             found.append((sims, rows))
-    gathered = [part for per_rank in collective.all_gather(found) for part in per_rank]
-    if collective.dist_env()[0] != 0:
+    gathered = [part for per_rank in collective.all_gather(found) for part in per_rank] if gather else found
+    if gather and collective.dist_env()[0] != 0:
         return None, None
     if not gathered:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
@@ -135,34 +136,40 @@ def best_unique(rows: np.ndarray, sims: np.ndarray, cap: int) -> tuple[np.ndarra
 
 def cluster_based(
     hits: np.ndarray, clusters: ClusterAssignment, min_hits: int, per_cluster: int, cap: int, strategy: str, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Images of the clusters with more than ``min_hits`` hits, ``per_cluster`` each, at most ``cap``.
 
+    Collective under torchrun: cluster sizes are all-reduced, each rank proposes the members of its own
+    rows (:func:`~dinolab.curate.selection.select_per_cluster`), rank 0 makes the choice.
+
     Args:
-        hits: [K] hits per cluster (seeds' nearest pool images in it, :func:`retrieve_sharded`).
-        clusters: k-means assignment of the pool.
+        hits: [K] hits per cluster (seeds' nearest pool images in it, :func:`retrieve_sharded`); the same
+            on every rank.
+        clusters: this rank's part of the k-means assignment of the pool.
 
     Returns:
         rows [R] int64 and their similarity to their centroid [R] float32, grouped by cluster in
-        decreasing hit count (ties: lower cluster id first).
+        decreasing hit count (ties: lower cluster id first), on rank 0; ``None, None`` elsewhere.
     """
     num_clusters = len(clusters.centroids)
     hits = np.pad(hits, (0, max(0, num_clusters - len(hits))))[:num_clusters]
     chosen = np.nonzero(hits > min_hits)[0]
     chosen = chosen[np.lexsort((chosen, -hits[chosen]))]
-    sizes = np.bincount(clusters.cluster, minlength=num_clusters)
+    sizes = collective.all_reduce_sum(np.bincount(clusters.cluster, minlength=num_clusters))
     take = np.minimum(sizes[chosen], per_cluster)
     # The cap cuts in cluster order: full clusters first, then part of the one that crosses it.
     before = np.cumsum(take) - take
     take = np.clip(cap - before, 0, take)
     quota = np.zeros(num_clusters, dtype=np.int64)
     quota[chosen] = take
-    picked = take_per_cluster(clusters.cluster, clusters.sim, quota, strategy, seed)
+    key = sort_key(strategy, clusters.rows, clusters.sim, seed)
+    rows, cluster, sim = select_per_cluster(clusters.rows, clusters.cluster, clusters.sim, key, quota, to_root=True)
+    if rows is None:
+        return None, None
     rank_of_cluster = np.full(num_clusters, num_clusters, dtype=np.int64)
     rank_of_cluster[chosen] = np.arange(len(chosen))
-    order = np.lexsort((-clusters.sim[picked], rank_of_cluster[clusters.cluster[picked]]))
-    picked = picked[order]
-    return clusters.rows[picked], clusters.sim[picked].astype(np.float32)
+    order = np.lexsort((-sim, rank_of_cluster[cluster]))
+    return rows[order], sim[order].astype(np.float32)
 
 
 def make_records(
@@ -209,7 +216,6 @@ def retrieve_sharded(
     seeds: EmbeddingStore,
     index: Any,
     clusters: ClusterAssignment | None,
-    num_rows: int,
     cfg: RetrieveConfig,
 ) -> tuple[str, np.ndarray | None, np.ndarray | None]:
     """Run the configured method for one seed set (collective under torchrun; also in one process).
@@ -226,13 +232,12 @@ def retrieve_sharded(
     method = cfg.method_for(seeds.num_rows)
     if method == "sample":
         return (method, *sample_based(index, seeds, cfg.n_per_seed, cfg.cap))
-    sims, rows = search_seed_set(index, seeds, cfg.hits_per_seed)
-    if rows is None:
-        return method, None, None
     if clusters is None:
         raise ValueError(f"seed set {name!r}: cluster-based retrieval needs the cluster stage")
-    cluster_of_row = clusters.cluster_of_rows(num_rows)
-    hit = cluster_of_row[rows[rows >= 0]]
-    hits = np.bincount(hit[hit >= 0], minlength=len(clusters.centroids))
+    _, rows = search_seed_set(index, seeds, cfg.hits_per_seed, gather=False)
+    # every rank counts the hits that fall in its own rows
+    candidates = np.concatenate(collective.all_gather(rows[rows >= 0].ravel()))
+    hit = clusters.clusters_of(candidates)
+    hits = collective.all_reduce_sum(np.bincount(hit[hit >= 0], minlength=len(clusters.centroids)))
     return (method, *cluster_based(hits, clusters, cfg.min_hits, cfg.per_cluster, cfg.cap, cfg.cluster_sampling,
                                    cfg.seed))

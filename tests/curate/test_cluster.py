@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dinolab.curate.cluster import KMeansConfig, pool_kmeans, rank_in_group, take_per_cluster
+from dinolab.curate.cluster import KMeansConfig, pool_kmeans
+from dinolab.curate.selection import rank_in_group, row_keys, sort_key, take_per_cluster
 from dinolab.curate.kmeans import kmeans_plus_plus
 from dinolab.curate.hierarchical import HierarchicalConfig, balanced_sample, hierarchical_kmeans, split_target
 from dinolab.curate.stages import Stage
@@ -45,8 +46,15 @@ def test_rank_in_group_by_hand():
     groups = np.array([1, 0, 1, 1, 0])
     key = np.array([0.3, 0.9, 0.1, 0.2, 0.5])
     np.testing.assert_array_equal(rank_in_group(groups, key), [2, 1, 0, 1, 0])
-    picked = take_per_cluster(groups, key, np.array([1, 2]), "closest")  # highest similarity first
+    picked = take_per_cluster(groups, sort_key("closest", np.arange(5), key), np.array([1, 2]))  # most similar first
     np.testing.assert_array_equal(picked, [0, 1, 3])
+
+
+def test_random_keys_belong_to_rows_not_positions():
+    keys = row_keys(np.arange(1000), seed=0)
+    assert 0 <= keys.min() and keys.max() < 1 and abs(keys.mean() - 0.5) < 0.05
+    np.testing.assert_array_equal(row_keys(np.array([7, 3]), 0), keys[[7, 3]])  # whichever rank holds them
+    assert not np.array_equal(row_keys(np.arange(10), 1), keys[:10])
 
 
 def test_split_target_water_filling():

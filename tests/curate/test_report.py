@@ -21,11 +21,11 @@ def test_report_files_and_grid_sizes(tmp_path):
         Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(p)
         paths.append(str(p))
     components = (np.arange(5), np.array([0, 0, 0, 3, 3]))  # row 5 is alone
-    cluster, sim, rows = np.array([0, 0, 1, 1, 1, 1]), np.linspace(0, 1, 6), np.arange(6)
+    cluster_groups = [np.array([1, 0]), np.array([5, 4, 3, 2])]  # closest first
     cfg = ReportConfig(grid_rows=4, grid_cols=5, thumb=16)
     written = write_report(
         tmp_path / "report", {"pool": 6}, np.array([0.9, 0.9, 0.8, 0.7, 0.7, -np.inf]), {"dedup": 0.6},
-        paths_of=lambda r: [paths[i] for i in r], components=components, clusters=(cluster, sim, rows), cfg=cfg,
+        paths_of=lambda r: [paths[i] for i in r], components=components, cluster_groups=cluster_groups, cfg=cfg,
     )
     assert set(written) == {"counts", "histogram", "duplicates", "clusters"}
     assert json.loads((tmp_path / "report" / "report.json").read_text()) == {"pool": 6}
