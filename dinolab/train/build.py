@@ -13,7 +13,7 @@ from dinolab.models.vit import DinoVisionTransformer
 from dinolab.train.meta_arch import SSLMetaArch
 from dinolab.train.param_groups import ParamGroupConfig, build_param_groups
 from dinolab.train.schedules import ScheduleConfig, scale_lr
-from dinolab.utils.runtime import check_compiler, compile_blocks
+from dinolab.utils.runtime import compile_blocks
 
 
 def build_meta_arch(cfg: Config) -> SSLMetaArch:
@@ -77,11 +77,7 @@ def grad_scaler(device: torch.device, precision: str, env: DistEnv, mode: str) -
     return torch.amp.GradScaler(device.type)
 
 
-def compile_backbones(meta: SSLMetaArch, device: torch.device | None = None) -> None:
-    """``torch.compile`` every transformer block of every backbone in place (``train.compile``).
-
-    On CPU, inductor compiles C++: without a compiler on the PATH this stops here, in one line.
-    """
-    if device is not None:
-        check_compiler(device)
+def compile_backbones(meta: SSLMetaArch) -> None:
+    """``torch.compile`` every transformer block of every backbone in place (``train.compile``; on CPU check
+    the compiler first: :func:`dinolab.utils.runtime.check_compiler`)."""
     compile_blocks(m for m in meta.modules() if isinstance(m, DinoVisionTransformer))

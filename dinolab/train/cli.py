@@ -119,38 +119,21 @@ def _npz_length(path: Path) -> int | None:
 def validate_run(cfg: Config, output: str | Path) -> None:
     """Everything a run reads, checked before any work and before the run folder is made:
     the output folder, the checkpoints it starts from, the data (one batch must fit in it), the
-    k-NN set, the precision on this device and the compiler ``train.compile`` needs.
+    k-NN set, the precision on this device and the compiler ``train.compile`` needs
+    (:mod:`dinolab.train.preflight`; the images are counted without decoding them).
 
     Raises:
         FileNotFoundError, ValueError: one line naming the input.
     """
     import os
 
-    from dinolab.data.datasets import BUILTIN_PREFIX
     from dinolab.utils.io import check_output_dir
-    from dinolab.utils.runtime import check_compiler, resolve_device, resolve_precision
+    from dinolab.train.preflight import check_batch, check_sources, resolve_runtime
 
     check_output_dir(output, "--output")
-    sources = {"distill.teacher_checkpoint": cfg.distill.teacher_checkpoint, "train.init_from": cfg.train.init_from,
-               "student.pretrained_weights": cfg.student.pretrained_weights,
-               "distill.teacher_config": cfg.distill.teacher_config}
-    for key, path in sources.items():
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"{key}: {path} does not exist")
-    eval_path = cfg.data.eval_path
-    if eval_path is not None and not str(eval_path).startswith(BUILTIN_PREFIX) and not Path(eval_path).exists():
-        raise FileNotFoundError(f"--eval-data (data.eval_path) {eval_path} does not exist")
-    n = dataset_size(cfg.data.path)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    batch = cfg.train.batch_size_per_gpu * world
-    if batch > n:
-        what = f"train.batch_size_per_gpu={cfg.train.batch_size_per_gpu}" + (f" x {world} processes" if world > 1 else "")
-        raise ValueError(f"{what} is larger than the {n} images of {cfg.data.path or 'the embedded digits set'}: "
-                         f"set train.batch_size_per_gpu to at most {max(n // world, 1)}")
-    device = resolve_device(cfg.train.device)
-    resolve_precision(cfg.train.precision, device)
-    if cfg.train.compile:
-        check_compiler(device)
+    check_sources(cfg)
+    check_batch(cfg, dataset_size(cfg.data.path), int(os.environ.get("WORLD_SIZE", "1")))
+    resolve_runtime(cfg)
 
 
 def run_train(args: argparse.Namespace) -> int:

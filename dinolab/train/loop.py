@@ -54,11 +54,11 @@ from dinolab.train.host_memory import keep_freed_memory
 from dinolab.train.loggers import check_available as check_loggers_available
 from dinolab.train.meta_arch import SSLMetaArch
 from dinolab.train.monitor import KnnMonitor
+from dinolab.train.preflight import check_batch, check_sources, resolve_runtime
 from dinolab.train.run_dir import RunDir, RunLog
 from dinolab.train.schedules import ScheduleConfig, schedule_values
 from dinolab.train.signals import stop_on_signals
 from dinolab.train.step import train_step
-from dinolab.utils.runtime import resolve_device, resolve_precision
 
 
 @dataclass
@@ -115,25 +115,14 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, env: DistEn
 
 
 # ------------------------------------------------------------------ setup
-def _check_sources(cfg: Config) -> None:
-    """Checkpoints the run starts from must exist before anything is written."""
-    sources = {"distill.teacher_checkpoint": cfg.distill.teacher_checkpoint, "train.init_from": cfg.train.init_from}
-    for key, path in sources.items():
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"{key}: checkpoint {path} does not exist")
-
-
 def _setup(cfg: Config, run_dir: Path, resume: bool, env: DistEnv) -> Session:
     """Check the inputs (before the run folder is made), open the folder, build data, model and optimizer,
     then resume from the newest checkpoint or evaluate the initialisation."""
-    _check_sources(cfg)
+    check_sources(cfg)
     check_loggers_available(cfg.train.loggers)  # a missing wandb/mlflow package: one line, before any work
-    device = resolve_device(cfg.train.device, env.local_rank)
-    precision = resolve_precision(cfg.train.precision, device)
+    device, precision = resolve_runtime(cfg, env.local_rank)
     images = open_dataset(cfg.data.path)  # bad input stops here, before the run folder is made
-    if cfg.train.batch_size_per_gpu * env.world_size > len(images):
-        raise ValueError(f"train.batch_size_per_gpu={cfg.train.batch_size_per_gpu} x {env.world_size} process(es) "
-                         f"is larger than the {len(images)} images of {cfg.data.path or 'the embedded set'}")
+    check_batch(cfg, len(images), env.world_size)
     if cfg.train.keep_freed_memory:
         keep_freed_memory()
     folder = RunDir(run_dir, cfg.train.keep_last)
@@ -146,7 +135,7 @@ def _setup(cfg: Config, run_dir: Path, resume: bool, env: DistEnv) -> Session:
         load_meta_weights(meta, read_model_state(cfg.train.init_from), name=f"train.init_from={cfg.train.init_from}")
     parallelize(meta, cfg.train.distributed, device, precision)
     if cfg.train.compile:
-        compile_backbones(meta, device)
+        compile_backbones(meta)  # the compiler was checked with the inputs
     if env.distributed:
         torch.manual_seed(cfg.train.seed + 1 + env.rank)  # each rank draws its own drop-path subsets
     optimizer = build_optimizer(meta, cfg)
