@@ -24,8 +24,8 @@ depend on the number of ranks. Hierarchical k-means is distributed like the pool
 (:mod:`dinolab.curate.hierarchical`).
 Memory per rank is bounded by the shard / chunk size, its shard of the Faiss index and the k-means
 assignment of its own chunks, plus the components (rows that have a duplicate) and the kept-row list
-(8 bytes per kept row) on every rank; rank 0 also reads the nearest-neighbour similarities of the
-whole pool (4 bytes x N) for the guard and the report's histogram.
+(8 bytes per kept row) on every rank; rank 0 also reads at most 2^20 nearest-neighbour similarities
+(a regular subsample beyond that) for the guard and the report's histogram.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from dinolab.curate.dedup import Components, DedupConfig, relative_dedup, self_dedup
+from dinolab.curate.dedup import Components, DedupConfig, relative_dedup, self_dedup, shard_similarities
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import ArrayEmbeddings
 
@@ -114,3 +114,13 @@ def test_changed_config_is_an_error_or_a_recompute(tmp_path, make_pool):
     cfg.threshold = 0.99
     components = self_dedup(store, cfg, Stage(tmp_path / "d", "dedup", {"threshold": 0.99}, on_change="recompute"))
     assert len(components.rows) == 0
+
+
+def test_similarities_read_back_whole_or_as_a_regular_subsample(tmp_path):
+    stage = Stage(tmp_path / "s", "dedup", {}).open()
+    values, bounds = np.arange(103, dtype=np.float32), [0, 10, 47, 80, 103]  # shards of unequal sizes
+    for i in range(4):
+        stage.write_shard(i, {"nn_sim": values[bounds[i] : bounds[i + 1]]})
+    stage.finish({}, 4)
+    np.testing.assert_array_equal(shard_similarities(stage, "nn_sim", limit=103), values)
+    np.testing.assert_array_equal(shard_similarities(stage, "nn_sim", limit=50), values[::3])  # rows 0, 3, 6, ...
