@@ -191,35 +191,16 @@ def components_from_shards(stage: Stage, num_shards: int) -> tuple[Components, i
     return Components(rows.astype(np.int64), rows[uf.roots()].astype(np.int64)), num_edges
 
 
-# Most similarities read back for the guard and the report's histogram: every row up to this, a regular
-# subsample of the rows beyond (so rank 0 holds at most 4 MB, not 4 bytes x N).
-MAX_SIMILARITIES = 1 << 20
-
-
-def shard_similarities(stage: Stage, key: str, limit: int = MAX_SIMILARITIES) -> np.ndarray:
-    """The per-row similarities ``key`` of a finished stage's shards, in row order: all of them when there
-    are at most ``limit`` rows, else every ``ceil(N / limit)``-th row (one shard in memory at a time)."""
-    shards = stage.read_manifest()["shards"]
-    num_rows = sum(int(m["count"]) for m in shards)
-    step = max(1, -(-num_rows // limit))
-    values, first = [], 0
-    for i, marker in enumerate(shards):
-        start = (-first) % step  # the first row of this shard that is a multiple of step
-        values.append(stage.load_shard(i)[key][start::step])
-        first += int(marker["count"])
-    return np.concatenate(values) if values else np.zeros(0, np.float32)
-
-
 def nearest_neighbour_similarities(stage: Stage) -> np.ndarray:
-    """Similarity of each pool row to its nearest other row (:func:`shard_similarities`), from a finished
-    self-dedup stage."""
-    return shard_similarities(stage, "nn_sim")
+    """Similarity of each pool row to its nearest other row (:meth:`Stage.column`: at most 2^20 of them),
+    from a finished self-dedup stage."""
+    return stage.column("nn_sim")
 
 
 def relative_similarities(stage: Stage) -> np.ndarray:
-    """Similarity of each pool row to its nearest evaluation image (:func:`shard_similarities`), from a
-    finished relative-dedup stage."""
-    return shard_similarities(stage, "eval_sim")
+    """Similarity of each pool row to its nearest evaluation image (:meth:`Stage.column`), from a finished
+    relative-dedup stage."""
+    return stage.column("eval_sim")
 
 
 def eval_hits(index: PoolIndex, queries: np.ndarray) -> np.ndarray:

@@ -17,10 +17,9 @@ Output folder (every stage resumable, see :mod:`dinolab.curate.stages`)::
 Under torchrun every stage runs on every rank, each on its own stride of shards / chunks
 (``rank, rank + W, ...``): embedding, the k-NN graph (a pool index sharded by rank,
 :mod:`dinolab.curate.sharded`), relative dedup, k-means (sums all-reduced per iteration) and the
-retrieval searches; rank 0 alone merges (union-find over the rows that have a duplicate edge, keep list,
-retrieval caps),
-writes manifests, ``curated.jsonl`` and the report, while the others wait at barriers. Outputs do not
-depend on the number of ranks. Hierarchical k-means is distributed like the pool k-means
+retrieval searches; only what must be merged goes to rank 0 (the edges for the union-find, the kept
+rows, the retrieval candidates before the caps), which writes manifests, ``curated.jsonl`` and the
+report while the others wait at barriers. Outputs do not depend on the number of ranks. Hierarchical k-means is distributed like the pool k-means
 (:mod:`dinolab.curate.hierarchical`).
 Memory per rank is bounded by the shard / chunk size, its shard of the Faiss index and the k-means
 assignment of its own chunks, plus the components (rows that have a duplicate) and the kept-row list
@@ -198,11 +197,6 @@ class _PoolIndexes:
         return ShardedIndex(self.store, self.cfg, rows=rows, trained=trained)
 
 
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def _parse_named(named: dict[str, str | Path] | None) -> dict[str, str | Path]:
     named = dict(named or {})
     for name in named:
@@ -241,12 +235,12 @@ def run_curation(
     pool_folder, pool_key = sources.embed("pool", pool)
     seed_folders = {n: sources.embed(f"seeds-{n}", p) for n, p in seeds.items()}
     eval_folders = {n: sources.embed(f"eval-{n}", p) for n, p in eval_sets.items()}
-    _barrier()
+    collective.barrier()
     rank = sources.rank
     if rank == 0:
         sources.finish_all()
         atomic_write_json(out / "config.json", asdict(cfg))
-    _barrier()
+    collective.barrier()
 
     store = sources.open(pool, pool_folder)
     seed_stores = {n: sources.open(seeds[n], f) for n, (f, _) in seed_folders.items()}
@@ -297,14 +291,14 @@ def run_curation(
         records += _retrieve_all(store, keep, seed_stores, clusters, cfg, retrieve_stage, indexes)
         counts["retrieve"] = retrieve_stage.outputs
     if rank != 0:
-        _barrier()
+        collective.barrier()
         return {}
     curated = union_records(records)
     write_jsonl(out / "curated.jsonl", curated)
     counts["curated"] = len(curated)
 
     _report(out, store, counts, dedup_stage, components, cluster_stage if clusters is not None else None, cfg)
-    _barrier()
+    collective.barrier()
     return counts
 
 
@@ -329,10 +323,10 @@ def _check_dims(store: EmbeddingStore, others: dict[str, EmbeddingStore]) -> Non
 def _hierarchical_records(
     store: EmbeddingStore, keep: np.ndarray, cfg: CurateConfig, out: Path, kept_hash: str, counts: dict[str, Any]
 ) -> list[dict[str, Any]]:
+    """Hierarchical sampling (collective): its records on rank 0, ``[]`` elsewhere."""
     stage = Stage(out / "hierarchical", "hierarchical", {
         "kept": kept_hash, "hierarchical": _result_key(cfg.hierarchical),
     }, cfg.on_change)
-    """Collective; the records on rank 0, ``[]`` elsewhere."""
     rows, sims = run_hierarchical(store, keep, cfg.hierarchical, stage)
     counts["hierarchical"] = stage.outputs
     if rows is None:

@@ -43,6 +43,8 @@ from dinolab.utils.io import atomic_save_npz, atomic_write_json
 
 MANIFEST = "manifest.json"
 ON_CHANGE_CHOICES = ("error", "recompute")
+# Most per-row values :meth:`Stage.column` reads back: every row up to this, a regular subsample beyond.
+MAX_COLUMN = 1 << 20
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -125,6 +127,17 @@ class Stage:
     def load_shard(self, index: int) -> dict[str, np.ndarray]:
         with np.load(self.shard_file(index), allow_pickle=False) as data:
             return {k: data[k] for k in data.keys()}
+
+    def column(self, key: str, limit: int = MAX_COLUMN) -> np.ndarray:
+        """The per-row array ``key`` of a finished stage's shards, in row order: all of it when there are at
+        most ``limit`` rows, else every ``ceil(N / limit)``-th row (one shard in memory at a time)."""
+        shards = self.read_manifest()["shards"]
+        step = max(1, -(-sum(int(m["count"]) for m in shards) // limit))
+        values, first = [np.zeros(0, np.float32)], 0
+        for i, marker in enumerate(shards):
+            values.append(self.load_shard(i)[key][(-first) % step :: step])  # rows that are multiples of step
+            first += int(marker["count"])
+        return np.concatenate(values)
 
     def run_shards(
         self,

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from dinolab.curate.dedup import Components, DedupConfig, relative_dedup, self_dedup, shard_similarities
+from dinolab.curate.dedup import Components, DedupConfig, relative_dedup, self_dedup
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import ArrayEmbeddings
 
@@ -122,5 +122,5 @@ def test_similarities_read_back_whole_or_as_a_regular_subsample(tmp_path):
     for i in range(4):
         stage.write_shard(i, {"nn_sim": values[bounds[i] : bounds[i + 1]]})
     stage.finish({}, 4)
-    np.testing.assert_array_equal(shard_similarities(stage, "nn_sim", limit=103), values)
-    np.testing.assert_array_equal(shard_similarities(stage, "nn_sim", limit=50), values[::3])  # rows 0, 3, 6, ...
+    np.testing.assert_array_equal(stage.column("nn_sim", limit=103), values)
+    np.testing.assert_array_equal(stage.column("nn_sim", limit=50), values[::3])  # rows 0, 3, 6, ...
