@@ -136,6 +136,16 @@ def validate_run(cfg: Config, output: str | Path) -> None:
     resolve_runtime(cfg)
 
 
+def apply_process_options(cfg: Config) -> None:
+    """The process-wide settings of a ``dinolab train`` process, which the library ``train()`` never applies:
+    ``train.keep_freed_memory`` (glibc keeps freed memory for the next step,
+    :func:`dinolab.utils.cpu_tuning.keep_freed_memory`); ``summary.json`` says whether it took effect."""
+    if cfg.train.keep_freed_memory:
+        from dinolab.utils.cpu_tuning import keep_freed_memory
+
+        keep_freed_memory()
+
+
 def run_train(args: argparse.Namespace) -> int:
     from dinolab.distributed.env import is_main
     from dinolab.train.loop import train
@@ -145,6 +155,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     validate_run(cfg, args.output)
+    apply_process_options(cfg)
     try:
         summary = train(cfg, args.output, resume=not args.no_resume, progress=not args.no_progress)
     except FloatingPointError as err:

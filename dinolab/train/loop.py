@@ -40,6 +40,7 @@ from dinolab.distributed.env import (
     shutdown,
 )
 from dinolab.distributed.fsdp import parallelize
+from dinolab.utils.cpu_tuning import freed_memory_kept
 from dinolab.utils.io import atomic_write_json
 from dinolab.models.checkpoints import save_backbone
 from dinolab.train.build import build_meta_arch, build_optimizer, compile_backbones, grad_scaler, schedule_config
@@ -50,7 +51,6 @@ from dinolab.train.checkpointer import (
     resume_checkpoint,
     save_checkpoint,
 )
-from dinolab.train.host_memory import keep_freed_memory
 from dinolab.train.loggers import check_available as check_loggers_available
 from dinolab.train.meta_arch import SSLMetaArch
 from dinolab.train.monitor import KnnMonitor
@@ -123,8 +123,6 @@ def _setup(cfg: Config, run_dir: Path, resume: bool, env: DistEnv) -> Session:
     device, precision = resolve_runtime(cfg, env.local_rank)
     images = open_dataset(cfg.data.path)  # bad input stops here, before the run folder is made
     check_batch(cfg, len(images), env.world_size)
-    if cfg.train.keep_freed_memory:
-        keep_freed_memory()
     folder = RunDir(run_dir, cfg.train.keep_last)
     latest, latest_state = folder.open(cfg, resume, env)
 
@@ -246,6 +244,7 @@ def _finish(s: Session) -> dict:
         "arch": s.cfg.student.arch,
         "world_size": s.env.world_size,
         "skipped_files": len(skipped),  # unreadable or not regular files, stepped over (this session's reads)
+        "keep_freed_memory": freed_memory_kept(),  # in effect in this process (applied by `dinolab train` only)
     }
     if not s.env.is_main:
         return summary

@@ -6,9 +6,10 @@ import pytest
 # Allocates, touches and frees a 256 MB tensor, then prints the resident set in MB before and after the free.
 _PROBE = """
 import sys, torch
-from dinolab.train.host_memory import keep_freed_memory
+from dinolab.utils.cpu_tuning import freed_memory_kept, keep_freed_memory
+assert not freed_memory_kept()  # nothing applies it at import
 if sys.argv[1] == "keep":
-    assert keep_freed_memory()
+    assert keep_freed_memory() and freed_memory_kept()
 def rss_mb():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
@@ -31,3 +32,34 @@ def test_freed_memory_stays_in_the_process_only_when_asked():
     assert held - after > 200  # glibc gives the 256 MB block back to the kernel on free
     held, after = _held_and_after_free("keep")
     assert held - after < 10  # kept for the next allocation: no fresh pages to fault in
+
+
+# The library call leaves the process's allocator alone; the `dinolab train` command applies the option; each
+# run's summary says which (a fresh process: the setting is process-wide and cannot be undone).
+_TRAIN_TWICE = """
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from tiny_run import TINY_RUN
+from dinolab.cli import main
+from dinolab.configs import load_config
+from dinolab.train.loop import train
+data = sys.argv[1] + "/d.npz"
+np.savez(data, x_train=np.random.default_rng(0).integers(0, 255, (8, 20, 20, 3), dtype=np.uint8))
+cfg = load_config("cpu", [*TINY_RUN, "train.max_iters=1"], base={"data": {"path": data}})
+library = train(cfg, sys.argv[1] + "/lib", progress=False)["keep_freed_memory"]
+assert main(["train", "--data", data, "--output", sys.argv[1] + "/cli", "--no-progress", *TINY_RUN,
+             "train.max_iters=1"]) == 0
+cli = json.loads(open(sys.argv[1] + "/cli/summary.json").read())["keep_freed_memory"]
+print(json.dumps([library, cli]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_only_the_train_command_keeps_freed_memory_and_the_summary_says_so(tmp_path):
+    from pathlib import Path
+
+    here = str(Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", _TRAIN_TWICE, str(tmp_path), here], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[false, true]"
