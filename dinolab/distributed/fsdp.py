@@ -18,7 +18,9 @@ a full replica on every rank, updated from the (all-reduced, hence identical) st
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -32,9 +34,17 @@ from dinolab.distributed import env
 DISTRIBUTED_MODES = ("fsdp", "ddp")
 TRAINED_SIDE = "student"
 
-# Our backbone returns views of its final norm (x_norm_clstoken = x_norm[:, 0]); FSDP warns that an
-# in-place op on such a view would skip its pre-backward hook. The training code never does one.
-warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+@contextlib.contextmanager
+def view_outputs_expected() -> Iterator[None]:
+    """Forward passes that return views without FSDP2's warning about them, inside this block only.
+
+    Our backbone returns views of its final norm (``x_norm_clstoken = x_norm[:, 0]``); FSDP2 warns that an
+    in-place op on such a view would skip its pre-backward hook. The training code never does one.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        yield
 
 
 def data_parallel_mesh(device: torch.device) -> DeviceMesh:

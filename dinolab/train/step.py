@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from dinolab.distributed.fsdp import view_outputs_expected
 from dinolab.train.meta_arch import SSLMetaArch
 from dinolab.train.param_groups import apply_schedule
 from dinolab.train.schedules import ScheduleValues
@@ -40,7 +41,7 @@ def train_step(
     meta.begin_step(iteration)
     apply_schedule(optimizer, lr=sched.lr, weight_decay=sched.weight_decay, last_layer_lr=sched.last_layer_lr)
     device = batch["global_crops"].device
-    with autocast_context(device, precision):
+    with autocast_context(device, precision), view_outputs_expected():
         targets = meta.teacher_targets(batch, sched.teacher_temp)
         outputs = meta.student_outputs(batch)
     losses = meta.compute_losses(outputs, targets, batch)  # fp32: every loss upcasts its inputs
