@@ -3,7 +3,7 @@
 The hub entry points (``dinolab.dinov2_vits14`` ...) build backbones with the official API and
 state-dict layout; ``dinolab.train(...)`` and ``dinolab.embed(...)`` are the one-call jobs (:mod:`dinolab.api`);
 everything else lives in sub-packages (``models``, ``data``, ``losses``,
-``train``, ``eval``, ``curate``, ``viz``).
+``train``, ``eval``, ``curate``, ``viz``; process-level helpers in ``utils``).
 """
 
 from dinolab.hub import (

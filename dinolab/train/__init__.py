@@ -1,5 +1,8 @@
-"""Self-supervised pretraining: ``meta_arch`` (student, teacher, heads, losses), ``step``, ``loop``, ``schedules``,
-``param_groups``, ``checkpointer``, ``health``, ``plots``, ``loggers``, ``distill``; ``cli`` is ``dinolab train``.
+"""Self-supervised pretraining. The model and its step: ``meta_arch`` (student, teacher, heads, losses), ``step``,
+``schedules``, ``param_groups``, ``distill``, ``adapt``. A run: ``preflight`` (input checks), ``build`` (the parts a
+config describes), ``run_dir`` (config, run log, folder), ``checkpointer`` (TrainState, save/resume), ``signals``,
+``loop`` (setup -> resume -> loop -> finish), ``monitor`` (k-NN), ``health``, ``plots``, ``loggers``; ``cli`` is
+``dinolab train``.
 
 The package is also callable: ``dinolab.train(data=..., output=...)`` is :func:`dinolab.api.train` (a package and
 a function cannot share the name ``dinolab.train`` otherwise: importing ``dinolab.train.loop`` rebinds it).

@@ -2,7 +2,7 @@
 
 Every backend has the same small interface (:class:`Logger`): ``log_scalars(record, step)``,
 ``log_config(config)``, ``log_summary(summary)``, ``log_artifact(path)`` and ``close()``.
-:class:`~dinolab.train.loop.RunLog` fans each record out to the configured backends; ``metrics.jsonl``
+:class:`~dinolab.train.run_dir.RunLog` fans each record out to the configured backends; ``metrics.jsonl``
 (always on) stays the source of truth that resume, the plots and the health flags read.
 
 * ``wandb``: ``wandb.init(project=$WANDB_PROJECT or "dinolab", name=<run folder name>, dir=RUN,

@@ -124,7 +124,7 @@ def scale_lr(base_lr: float, global_batch: int) -> float:
 @dataclass(frozen=True)
 class ScheduleConfig:
     """Every schedule of a run, lengths in iterations. No defaults here: the values come from the run's config
-    (:func:`dinolab.train.loop.schedule_config`), whose defaults live in :mod:`dinolab.configs.schema` alone.
+    (:func:`dinolab.train.build.schedule_config`), whose defaults live in :mod:`dinolab.configs.schema` alone.
 
     Official lengths are in 1,250-iteration pseudo-epochs: total 625,000, warmup 100,000, teacher
     temperature warmup 37,500, last layer frozen 1,250.
