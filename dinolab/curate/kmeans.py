@@ -18,6 +18,9 @@ from dinolab.curate import collective
 from dinolab.curate.collective import fixed_point
 from dinolab.curate.store import EmbeddingStore, l2_normalize
 
+# Rows converted to fixed point at a time in a Lloyd iteration (integer sums: the result does not depend on it).
+FIXED_POINT_BLOCK = 4096
+
 
 def assign(centroids: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Most similar centroid of each vector.
@@ -126,7 +129,9 @@ def lloyd(
         counts = np.zeros(k, np.int64)
         for _, _, emb in parts:
             cluster, _ = assign(centroids, emb)
-            np.add.at(sums, cluster, fixed_point(emb))
+            for start in range(0, len(emb), FIXED_POINT_BLOCK):  # bounds the 16 bytes per value of fixed_point
+                block = slice(start, start + FIXED_POINT_BLOCK)
+                np.add.at(sums, cluster[block], fixed_point(emb[block]))
             counts += np.bincount(cluster, minlength=k)
         sums, counts = collective.all_reduce_sum(sums), collective.all_reduce_sum(counts)
         filled = counts > 0
