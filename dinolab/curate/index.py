@@ -126,12 +126,16 @@ class PoolIndex:
     def __len__(self) -> int:
         return len(self.row_ids)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, probes: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """k nearest indexed vectors of each query by inner product.
 
         Args:
             queries: [Q, D] float32 unit vectors.
             k: neighbours per query (more than indexed: missing slots get row -1, similarity -inf).
+            probes: the IVF cells to scan, from :meth:`probes` (cell similarities [Q, nprobe], cells
+                [Q, nprobe]); ``None``: the index finds them (the same cells).
 
         Returns:
             sims [Q, k] float32, descending per row; rows [Q, k] int64 pool rows.
@@ -141,11 +145,29 @@ class PoolIndex:
         rows = np.empty((len(queries), k), dtype=np.int64)
         for start in range(0, len(queries), self.search_batch):
             part = queries[start : start + self.search_batch]
-            s, i = self.index.search(part, k)
+            if probes is None:
+                s, i = self.index.search(part, k)
+            else:
+                cells = slice(start, start + len(part))
+                s, i = self.index.search_preassigned(part, k, probes[1][cells], probes[0][cells])
             found = i >= 0
             rows[start : start + len(part)] = np.where(found, self.row_ids[np.clip(i, 0, None)], -1)
             sims[start : start + len(part)] = np.where(found, s, -np.inf)
         return sims, rows
+
+    def probes(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The IVF cells each query scans: similarities [Q, nprobe] float32, cells [Q, nprobe] int64, found
+        by the coarse quantizer in batches of ``search_batch`` (as :meth:`search` does); ``None`` for an
+        index without cells (flat, or on a GPU)."""
+        ivf = faiss.try_extract_index_ivf(self.index) if isinstance(self.index, faiss.IndexIVF) else None
+        if ivf is None:
+            return None
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        found = [ivf.quantizer.search(queries[start : start + self.search_batch], ivf.nprobe)
+                 for start in range(0, len(queries), self.search_batch)]
+        if not found:
+            return np.zeros((0, ivf.nprobe), np.float32), np.zeros((0, ivf.nprobe), np.int64)
+        return np.concatenate([d for d, _ in found]), np.concatenate([i for _, i in found])
 
 
 def _sample_rows(rows: np.ndarray, size: int, seed: int) -> np.ndarray:

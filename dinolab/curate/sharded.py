@@ -93,8 +93,10 @@ class ShardedIndex:
         """Collective k-NN search of this rank's ``queries`` [Q, D] over every shard -> sims, rows [Q, k].
 
         In blocks of ``search_batch`` queries per rank: each round gathers every rank's block (a tensor
-        all-gather), answers all of them from this shard, and sends each rank the answers to its block
-        (one gather per rank), so memory is W blocks of queries and answers, whatever Q.
+        all-gather) with, for an IVF index, the cells each query probes (found once, by its own rank's
+        coarse quantizer, not again by every shard), answers all of them from this shard, and sends each
+        rank the answers to its block (one gather per rank), so memory is W blocks of queries and answers,
+        whatever Q.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         if collective.world_size() == 1:
@@ -106,8 +108,15 @@ class ShardedIndex:
         found_sims, found_rows = [np.zeros((0, k), np.float32)], [np.zeros((0, k), np.int64)]
         for start in range(0, max(counts), batch):
             sizes = [min(batch, max(0, n - start)) for n in counts]
-            asked = collective.all_gather_rows(queries[start : start + batch], sizes)
-            answers = [self.local.search(q, k) for q in asked]
+            block = queries[start : start + batch]
+            asked = collective.all_gather_rows(block, sizes)
+            # IVF: each rank finds the cells of its own queries once, and every shard scans just those
+            probes = self.local.probes(block)
+            if probes is None:
+                answers = [self.local.search(q, k) for q in asked]
+            else:
+                cells = zip(*(collective.all_gather_rows(p, sizes) for p in probes), strict=True)
+                answers = [self.local.search(q, k, probes=c) for q, c in zip(asked, cells, strict=True)]
             for dst, size in enumerate(sizes):
                 sims = collective.gather_rows(answers[dst][0], dst, size)
                 rows = collective.gather_rows(answers[dst][1], dst, size)

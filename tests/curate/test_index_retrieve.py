@@ -43,6 +43,18 @@ def test_ivf_probing_every_cell_is_exact():
     np.testing.assert_array_equal(rows, np.argsort(-(queries @ pool.T), axis=1)[:, :4])
 
 
+def test_searching_given_cells_equals_the_index_finding_them():
+    # a sharded search sends each query's cells (found once, by its own rank) to every shard
+    rng = np.random.default_rng(3)
+    pool, queries = _unit(rng, 2000, 32), _unit(rng, 300, 32)
+    index = index_array(pool, IndexConfig(kind="ivfsq", nlist=16, nprobe=3, search_batch=128))
+    sims, cells = index.probes(queries)
+    assert cells.shape == (300, 3) and index_array(pool, IndexConfig(kind="flat")).probes(queries) is None
+    found, given = index.search(queries, 5), index.search(queries, 5, probes=(sims, cells))
+    np.testing.assert_array_equal(found[1], given[1])
+    np.testing.assert_array_equal(found[0], given[0])
+
+
 def test_ivfpq_finds_near_copies():
     rng = np.random.default_rng(3)
     pool = _unit(rng, 3000, 64)
