@@ -1,5 +1,5 @@
-"""The parts of a training run built from its config: meta-architecture, optimizer, schedules, loss scaler and
-compiled blocks (:mod:`dinolab.train.loop` assembles them; benches and tests build them alone)."""
+"""The parts of a training run built from its config: meta-architecture, optimizer, schedules, loss scaler,
+compiled blocks and the k-NN monitor (:mod:`dinolab.train.loop` assembles them; benches and tests build them alone)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from dinolab.configs.schema import Config
+from dinolab.data.datasets import open_labelled
 from dinolab.distributed.env import DistEnv
 from dinolab.distributed.fsdp import unwrapped_side
 from dinolab.models.vit import DinoVisionTransformer
 from dinolab.train.meta_arch import SSLMetaArch
+from dinolab.train.monitor import KnnMonitor
 from dinolab.train.param_groups import ParamGroupConfig, build_param_groups
 from dinolab.train.schedules import ScheduleConfig, scale_lr
 from dinolab.utils.runtime import compile_blocks
@@ -81,3 +83,17 @@ def compile_backbones(meta: SSLMetaArch) -> None:
     """``torch.compile`` every transformer block of every backbone in place (``train.compile``; on CPU check
     the compiler first: :func:`dinolab.utils.runtime.check_compiler`)."""
     compile_blocks(m for m in meta.modules() if isinstance(m, DinoVisionTransformer))
+
+
+def knn_wanted(cfg: Config) -> bool:
+    """k-NN during training: with a labelled set (``data.eval_path``), or on the embedded digits by default."""
+    return not (cfg.data.eval_path is None and cfg.data.path is not None)
+
+
+def build_knn_monitor(cfg: Config, precision: str) -> KnnMonitor | None:
+    """The k-NN monitor at the run's own input size (``train.knn_image_size`` or the global crops), or None."""
+    if not knn_wanted(cfg):
+        return None
+    data = open_labelled(cfg.data.eval_path, image_size=cfg.data.builtin_image_size)  # None: the embedded digits
+    size = cfg.train.knn_image_size or cfg.crops.global_crops_size
+    return KnnMonitor(data, image_size=size, k=cfg.train.knn_k, bf16=precision == "bf16")

@@ -27,30 +27,19 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dinolab.configs.schema import Config
-from dinolab.data.datasets import open_dataset, open_labelled
+from dinolab.data.datasets import open_dataset
 from dinolab.data.loader import build_loader
 from dinolab.data.samplers import InfiniteSampler
 from dinolab.distributed.checkpoint import gather_backbone
-from dinolab.distributed.env import (
-    DistEnv,
-    all_gather_objects,
-    init_distributed,
-    max_over_ranks,
-    mean_over_ranks,
-    shutdown,
-)
+from dinolab.distributed.env import DistEnv, all_gather_objects, init_distributed, max_over_ranks, mean_over_ranks
+from dinolab.distributed.env import shutdown
 from dinolab.distributed.fsdp import parallelize
-from dinolab.utils.cpu_tuning import freed_memory_kept
-from dinolab.utils.io import atomic_write_json
 from dinolab.models.checkpoints import save_backbone
-from dinolab.train.build import build_meta_arch, build_optimizer, compile_backbones, grad_scaler, schedule_config
-from dinolab.train.checkpointer import (
-    TrainState,
-    load_meta_weights,
-    read_model_state,
-    resume_checkpoint,
-    save_checkpoint,
+from dinolab.train.build import (
+    build_knn_monitor, build_meta_arch, build_optimizer, compile_backbones, grad_scaler, knn_wanted, schedule_config,
 )
+from dinolab.train.checkpointer import TrainState, load_meta_weights, read_model_state
+from dinolab.train.checkpointer import resume_checkpoint, save_checkpoint
 from dinolab.train.loggers import check_available as check_loggers_available
 from dinolab.train.meta_arch import SSLMetaArch
 from dinolab.train.monitor import KnnMonitor
@@ -59,6 +48,8 @@ from dinolab.train.run_dir import RunDir, RunLog
 from dinolab.train.schedules import ScheduleConfig, schedule_values
 from dinolab.train.signals import stop_on_signals
 from dinolab.train.step import train_step
+from dinolab.utils.cpu_tuning import freed_memory_kept
+from dinolab.utils.io import atomic_write_json
 
 
 @dataclass
@@ -141,37 +132,31 @@ def _setup(cfg: Config, run_dir: Path, resume: bool, env: DistEnv) -> Session:
         cfg, env, folder, device, precision, images, loader, sampler, meta, optimizer,
         scaler=grad_scaler(device, precision, env, cfg.train.distributed),
         schedules=schedule_config(cfg, cfg.train.batch_size_per_gpu * env.world_size),
-        monitor=_knn_monitor(cfg, precision) if env.is_main else None,
+        monitor=build_knn_monitor(cfg, precision) if env.is_main else None,
         state=TrainState(),
     )
-    if latest is not None:
-        session.state = resume_checkpoint(latest, latest_state, meta, optimizer, sampler, cfg.train.seed, env)
-    start = session.state.iteration
-    if env.is_main:
-        session.log = RunLog(run_dir, purge_step=start + 1 if latest is not None else None,
-                             loggers=cfg.train.loggers, config=cfg)
-    if latest is not None:
-        if session.log is not None:
-            session.log.truncate_after(start)
-            print(f"resuming {run_dir} from iteration {start} ({latest.name}) on {env.world_size} process(es)")
-    elif _knn_wanted(cfg):
-        knn = _evaluate(session.monitor, meta)
-        if knn is not None:
-            session.state.knn_top1_init = knn["knn_top1"]
-            session.log.write({"iteration": 0, **knn})
+    _resume_or_evaluate(session, latest, latest_state)
     return session
 
 
-def _knn_wanted(cfg: Config) -> bool:
-    return not (cfg.data.eval_path is None and cfg.data.path is not None)
-
-
-def _knn_monitor(cfg: Config, precision: str) -> KnnMonitor | None:
-    if not _knn_wanted(cfg):
-        return None
-    data = open_labelled(cfg.data.eval_path, image_size=cfg.data.builtin_image_size)  # None: the embedded digits
-    size = cfg.train.knn_image_size or cfg.crops.global_crops_size
-    return KnnMonitor(data, image_size=size, k=cfg.train.knn_k, bf16=precision == "bf16")
+def _resume_or_evaluate(s: Session, latest: Path | None, latest_state: dict | None) -> None:
+    """Continue from ``latest`` (its state, the log truncated to it), or log the k-NN of the initialisation;
+    then open the run log (rank 0)."""
+    if latest is not None:
+        s.state = resume_checkpoint(latest, latest_state, s.meta, s.optimizer, s.sampler, s.cfg.train.seed, s.env)
+    start = s.state.iteration
+    if s.env.is_main:
+        s.log = RunLog(s.folder.path, purge_step=start + 1 if latest is not None else None,
+                       loggers=s.cfg.train.loggers, config=s.cfg)
+    if latest is not None:
+        if s.log is not None:
+            s.log.truncate_after(start)
+            print(f"resuming {s.folder.path} from iteration {start} ({latest.name}) on {s.env.world_size} process(es)")
+    elif knn_wanted(s.cfg):
+        knn = _evaluate(s.monitor, s.meta)
+        if knn is not None:
+            s.state.knn_top1_init = knn["knn_top1"]
+            s.log.write({"iteration": 0, **knn})
 
 
 def _evaluate(monitor: KnnMonitor | None, meta: SSLMetaArch) -> dict | None:
@@ -209,7 +194,7 @@ def _loop(s: Session, progress: bool) -> None:
                     s.log.write({"iteration": done, **losses, "lr": sched.lr, "wd": sched.weight_decay,
                                  "momentum": sched.momentum, "teacher_temp": sched.teacher_temp,
                                  "images_per_second": speed, "elapsed_seconds": elapsed})
-            if _knn_wanted(cfg) and cfg.train.knn_every and done % cfg.train.knn_every == 0 and done < end:
+            if knn_wanted(cfg) and cfg.train.knn_every and done % cfg.train.knn_every == 0 and done < end:
                 t_eval = time.perf_counter()
                 knn = _evaluate(s.monitor, s.meta)
                 if knn is not None:
