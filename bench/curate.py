@@ -204,8 +204,8 @@ def bench_ranks(args: argparse.Namespace) -> int:
             mp.start_processes(_rank_entry, args=(world_size, port, tmp, cfg_kwargs), nprocs=world_size,
                                join=True, start_method="spawn")
             seconds = time.perf_counter() - t0
-            with np.load(root / f"out-{world_size}" / "dedup" / "components.npz") as data:
-                labels = Components(data["rows"], data["labels"]).labels_of(np.arange(args.rows))
+            dedup = Stage(root / f"out-{world_size}" / "dedup", "dedup", {})
+            labels = Components.open(dedup).labels_of(np.arange(args.rows))
             recall = duplicate_recall(labels, group)["pair_recall"]
             rss = [json.loads((root / f"rss-{world_size}-{r}.json").read_text()) for r in range(world_size)]
             curated = hashlib.sha1((root / f"out-{world_size}" / "curated.jsonl").read_bytes()).hexdigest()[:12]

@@ -27,7 +27,7 @@ from dinolab.curate.sharded import ShardedIndex
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import EmbeddingStore
 from dinolab.curate.union_find import UnionFind
-from dinolab.utils.io import atomic_save_npz
+from dinolab.utils.io import atomic_path, atomic_save_npz
 
 
 @dataclass
@@ -71,6 +71,18 @@ class Components:
     def num_components(self) -> int:
         """Components of two or more rows."""
         return int(len(np.unique(self.labels)))
+
+    FILES = ("components_rows.npy", "components_labels.npy")
+
+    def save(self, stage: Stage) -> None:
+        for name, array in zip(self.FILES, (self.rows, self.labels), strict=True):
+            with atomic_path(stage.path(name)) as tmp, open(tmp, "wb") as f:
+                np.save(f, np.asarray(array, np.int64))
+
+    @classmethod
+    def open(cls, stage: Stage) -> Components:
+        """Memory-mapped: a rank looking up the rows of its own chunks reads only their part of the files."""
+        return cls(*(np.load(stage.path(name), mmap_mode="r") for name in cls.FILES))
 
 
 def knn_edges(index: PoolIndex, first_row: int, queries: np.ndarray, k: int, threshold: float) -> dict[str, np.ndarray]:
@@ -123,14 +135,13 @@ def self_dedup(
     :class:`ShardedIndex` (each rank indexes its chunks, a search asks every rank), built only if some
     shard is left to compute; ``make_index`` replaces it (e.g. one :class:`PoolIndex` in one process).
     Each rank writes one shard of edges per chunk; rank 0 then reads the edge shards into a union-find
-    over the rows that have an edge (:func:`components_from_shards`) and writes ``components.npz``
-    (``rows``, ``labels``: lowest row of each component), so the components do not depend on the number
-    of ranks.
+    over the rows that have an edge (:func:`components_from_shards`) and writes them
+    (:meth:`Components.save`: ``rows``, ``labels``: lowest row of each component), so the components do
+    not depend on the number of ranks.
 
     Returns:
         the :class:`Components` (on every rank): row i is kept iff ``labels_of([i]) == i``.
     """
-    components = stage.path("components.npz")
     rank = collective.dist_env()[0]
     if not collective.open_stage(stage):
         num_shards = store.num_chunks()
@@ -146,15 +157,14 @@ def self_dedup(
         built.clear()
         collective.barrier()
         if rank == 0:
-            _finish_self_dedup(stage, num_shards, store.num_rows, components)
+            _finish_self_dedup(stage, num_shards, store.num_rows)
         collective.barrier()
-    with np.load(components, allow_pickle=False) as data:
-        return Components(data["rows"], data["labels"])
+    return Components.open(stage)
 
 
-def _finish_self_dedup(stage: Stage, num_shards: int, num_rows: int, components) -> None:
+def _finish_self_dedup(stage: Stage, num_shards: int, num_rows: int) -> None:
     found, num_edges = components_from_shards(stage, num_shards)
-    atomic_save_npz(components, rows=found.rows, labels=found.labels)
+    found.save(stage)
     num_components = found.num_components
     stage.finish(
         {
@@ -162,7 +172,7 @@ def _finish_self_dedup(stage: Stage, num_shards: int, num_rows: int, components)
             "num_kept": int(num_rows - len(found.rows) + num_components),
             "num_duplicate_components": num_components,
             "num_edges": num_edges,
-            "components": components.name,
+            "components": list(Components.FILES),
         },
         num_shards,
     )

@@ -6,7 +6,7 @@ Output folder (every stage resumable, see :mod:`dinolab.curate.stages`)::
     <out>/embed/pool/                 # pool embeddings (skipped when the pool is an embeddings file)
     <out>/embed/seeds-<name>/         # seed-set embeddings (same)
     <out>/embed/eval-<name>/          # evaluation-set embeddings (same)
-    <out>/dedup/                      # k-NN graph edges per chunk, components.npz
+    <out>/dedup/                      # k-NN graph edges per chunk, components_{rows,labels}.npy
     <out>/relative_dedup/             # nearest-evaluation similarity per chunk, keep.npz
     <out>/cluster/                    # centroids.npy, assignment per chunk (if cluster-based retrieval)
     <out>/hierarchical/               # levels.npz, sample.npz (if hierarchical sampling)
@@ -19,12 +19,12 @@ Under torchrun every stage runs on every rank, each on its own stride of shards 
 :mod:`dinolab.curate.sharded`), relative dedup, k-means (sums all-reduced per iteration) and the
 retrieval searches; only what must be merged goes to rank 0 (the edges for the union-find, the kept
 rows, the retrieval candidates before the caps), which writes manifests, ``curated.jsonl`` and the
-report while the others wait at barriers. Outputs do not depend on the number of ranks. Hierarchical k-means is distributed like the pool k-means
-(:mod:`dinolab.curate.hierarchical`).
+report while the others wait at barriers. Outputs do not depend on the number of ranks. Hierarchical
+k-means is distributed like the pool k-means (:mod:`dinolab.curate.hierarchical`).
 Memory per rank is bounded by the shard / chunk size, its shard of the Faiss index and the k-means
-assignment of its own chunks, plus the components (rows that have a duplicate) and the kept-row list
-(8 bytes per kept row) on every rank; rank 0 also reads at most 2^20 nearest-neighbour similarities
-(a regular subsample beyond that) for the guard and the report's histogram.
+assignment of its own chunks, plus the kept-row list (8 bytes per kept row) on every rank (the
+components are memory-mapped: a rank reads the part of its chunks); rank 0 also reads at most 2^20
+nearest-neighbour similarities (a regular subsample beyond that) for the guard and the report.
 """
 
 from __future__ import annotations

@@ -87,10 +87,9 @@ def _curate(rank: int, folder: str, out: str, fail_after_first_dedup_shard: bool
 
 def _outputs(out: Path) -> dict[str, bytes]:
     files = ["curated.jsonl", "retrieve/near.jsonl", "retrieve/few.jsonl", "cluster/centroids.npy",
-             "relative_dedup/keep.npz", "hierarchical/levels.npz", "hierarchical/sample.npz"]
+             "relative_dedup/keep.npz", "hierarchical/levels.npz", "hierarchical/sample.npz",
+             "dedup/components_rows.npy", "dedup/components_labels.npy"]
     found = {name: (out / name).read_bytes() for name in files}
-    with np.load(out / "dedup" / "components.npz") as data:
-        found["components"] = data["rows"].tobytes() + data["labels"].tobytes()
     for i in range(6):
         with np.load(out / "cluster" / f"shard_{i:05d}.npz") as data:
             found[f"cluster {i}"] = b"".join(data[k].tobytes() for k in ("rows", "cluster", "sim"))
@@ -122,7 +121,7 @@ def test_a_rank_killed_mid_dedup_restarts_and_finishes_the_same(tmp_path, one_pr
     with pytest.raises(Exception, match=r"killed after its first dedup shard|Connection reset|Connection closed"):
         run_ranks(_curate, 2, str(tmp_path), str(tmp_path / "out"), True)
     dedup = tmp_path / "out" / "dedup"
-    assert not (dedup / "components.npz").exists() and (dedup / "shard_00001.json").exists()
+    assert not (dedup / "components_rows.npy").exists() and (dedup / "shard_00001.json").exists()
     run_ranks(_curate, 2, str(tmp_path), str(tmp_path / "out"), False)
     two = _outputs(tmp_path / "out")
     assert [name for name in one_process if one_process[name] != two[name]] == []
