@@ -113,7 +113,7 @@ def build_step(v: dict, arch: str, batch: int, drop_path: float, device: str = "
 
     from dinolab.configs import load_config
     from dinolab.train.loop import build_optimizer, schedule_config
-    from dinolab.train.host_memory import keep_freed_memory
+    from dinolab.utils.cpu_tuning import keep_freed_memory
     from dinolab.train.meta_arch import SSLMetaArch
     from dinolab.train.schedules import schedule_values
     from dinolab.train.step import train_step
@@ -133,9 +133,9 @@ def build_step(v: dict, arch: str, batch: int, drop_path: float, device: str = "
     torch.manual_seed(0)
     if dev.type == "cuda":  # built in place: initialising a ViT-L/g meta-architecture on the CPU takes seconds
         with dev:
-            meta = SSLMetaArch(cfg)
+            meta = SSLMetaArch.from_config(cfg)
     else:
-        meta = SSLMetaArch(cfg)
+        meta = SSLMetaArch.from_config(cfg)
     meta = meta.to(dev)
     if v["compile"]:
         from dinolab.train.loop import compile_backbones

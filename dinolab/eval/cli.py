@@ -83,7 +83,7 @@ def evaluate(protocol: str, model: nn.Module, data_path: str | Path, cfg: Any, a
 
 def _bf16_is_fast(device: str) -> bool:
     """bf16 autocast by default where it is fast: CUDA, or a CPU with native bf16 (else fp32, said in one line)."""
-    from dinolab.layers.precision import cpu_has_fast_bf16
+    from dinolab.utils.runtime import cpu_has_fast_bf16
 
     if resolve_device(device).type == "cuda" or cpu_has_fast_bf16():
         return True

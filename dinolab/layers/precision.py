@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from dinolab.utils.runtime import cpu_has_fast_bf16  # noqa: F401 (moved there; eval/cli.py still imports it here)
-
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The autocast dtype of ``x``'s device when autocast is on there, else the promotion of both dtypes."""

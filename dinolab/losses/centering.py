@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dinolab.cache_blocks import block_rows
+from dinolab.utils.cpu_tuning import block_rows
 
 
 def _distributed() -> bool:

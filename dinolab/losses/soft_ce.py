@@ -7,7 +7,7 @@ an fp32 ``log_softmax`` of that [M, K] matrix alive until the backward (~0.3 GB 
 temporary also page-faults on first touch: measured 19 ms for one division that takes 0.8 ms on a
 2 MB block that stays in cache).
 
-Here the forward works through a few rows at a time in one reused fp32 buffer (``dinolab.cache_blocks``),
+Here the forward works through a few rows at a time in one reused fp32 buffer (``dinolab.utils.cpu_tuning``),
 so every pass over a chunk stays in the CPU's cache, and keeps only the logits (in their own
 dtype), the targets and two numbers per row (the log-sum-exp and the target mass). The backward
 rebuilds the softmax of each chunk from the saved log-sum-exp. Values and gradients equal the plain fp32
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from dinolab.cache_blocks import block_rows
+from dinolab.utils.cpu_tuning import block_rows
 
 
 class _SoftTargetCrossEntropy(torch.autograd.Function):
@@ -72,7 +72,7 @@ def soft_cross_entropy(
         logits: [N, K] any float dtype (bf16 under autocast); gradients flow into it, in its dtype.
         targets: [N, K] target distributions (no gradient).
         temp: temperature dividing the logits (the student's, 0.1).
-        chunk_rows: rows processed at a time (default: ``dinolab.cache_blocks.block_rows(K)``).
+        chunk_rows: rows processed at a time (default: ``dinolab.utils.cpu_tuning.block_rows(K)``).
 
     Returns:
         [N] fp32 cross-entropies.

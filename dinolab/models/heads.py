@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from dinolab.cache_blocks import block_rows as cache_block_rows
+from dinolab.utils.cpu_tuning import block_rows as cache_block_rows
 from dinolab.layers.precision import compute_dtype
 
 # official key suffix -> parametrized key suffix (g: magnitude [K, 1], v: direction [K, bottleneck])
@@ -144,7 +144,7 @@ def weight_normalized_linear(
         x: [..., D] inputs.
         direction: [K, D] weight directions ``v``.
         magnitude: [K, 1] weight norms ``g``.
-        block_rows: rows of ``direction`` per element-wise block (default: ``dinolab.cache_blocks.block_rows``).
+        block_rows: rows of ``direction`` per element-wise block (default: ``dinolab.utils.cpu_tuning.block_rows``).
 
     Returns:
         [..., K] logits in the compute dtype (the autocast dtype under autocast, else the promoted input dtype).
