@@ -17,7 +17,7 @@ import sys
 # Modules that each add one or more subcommands, in the order they appear in --help.
 COMMAND_MODULES = (
     "dinolab.features.cli",
-    "dinolab.export",
+    "dinolab.export.cli",
     "dinolab.models.cli",
     "dinolab.train.cli",
     "dinolab.eval.cli",
