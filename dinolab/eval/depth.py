@@ -40,7 +40,6 @@ from tqdm import tqdm
 
 from dinolab.eval.data import DepthData, DepthGroup, DepthSplit
 from dinolab.eval.depth_head import LinearDepthHead, bin_centers, depth_to_bin, silog_loss
-from dinolab.eval.depth_head import depth_from_probs, normalise_bins  # noqa: F401 - tests import them from here
 from dinolab.eval.features import dense_preprocess, keeps_global_rng
 from dinolab.features.cache import FeatureConfig, extract
 from dinolab.features.embed import FeatureSpec

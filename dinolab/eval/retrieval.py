@@ -40,7 +40,6 @@ from torch import nn
 from dinolab.eval.data import ClassificationData, RetrievalData, load_classification, load_retrieval
 from dinolab.eval.features import classification_preprocess, global_spec
 from dinolab.eval.retrieval_set import build_augmented_retrieval_set, relevance_matrix
-from dinolab.eval.retrieval_set import save_retrieval_npz  # noqa: F401 - tests import it from here
 from dinolab.features.cache import FeatureConfig, extract
 
 

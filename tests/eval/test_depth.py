@@ -9,16 +9,8 @@ import torch.nn.functional as F
 
 from dinolab.eval import depth
 from dinolab.eval.data import load_depth
-from dinolab.eval.depth import (
-    DepthConfig,
-    bin_centers,
-    depth_from_probs,
-    depth_metrics,
-    depth_to_bin,
-    lin_blocks,
-    normalise_bins,
-    silog_loss,
-)
+from dinolab.eval.depth import DepthConfig, depth_metrics, lin_blocks
+from dinolab.eval.depth_head import bin_centers, depth_from_probs, depth_to_bin, normalise_bins, silog_loss
 
 
 def test_bin_encode_decode_round_trip():

@@ -6,15 +6,8 @@ import torch
 
 from dinolab.eval import retrieval
 from dinolab.eval.data import load_retrieval
-from dinolab.eval.retrieval import (
-    RetrievalConfig,
-    average_precision,
-    build_augmented_retrieval_set,
-    mean_average_precision,
-    rank_database,
-    retrieval_metrics,
-    save_retrieval_npz,
-)
+from dinolab.eval.retrieval import RetrievalConfig, average_precision, mean_average_precision, rank_database, retrieval_metrics
+from dinolab.eval.retrieval_set import build_augmented_retrieval_set, save_retrieval_npz
 
 # positives at 0-based ranks 0 and 2 of 2: (1 + 1)/4 + (1/2 + 2/3)/4
 AP_RANKS_0_2 = 0.5 + (0.5 + 2 / 3) / 4
