@@ -58,7 +58,7 @@ def build_optimizer(meta: SSLMetaArch, cfg: Config) -> torch.optim.AdamW:
     """AdamW over the student's parameter groups (after sharding: FSDP replaces the parameters)."""
     groups = build_param_groups(
         unwrapped_side(meta.student),
-        ParamGroupConfig(layer_decay=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult),
+        ParamGroupConfig(layerwise_decay=cfg.optim.layerwise_decay, patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult),
     )
     # fused where parameters are plain tensors (one kernel per group; measured no change in peak memory
     # on the ViT-S/14 bench); sharded DTensor parameters take foreach

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dinolab.configs.schema import OptimConfig
+
 # backbone parameters (names relative to the backbone) at layer 0, i.e. below the first block
 LAYER0_PREFIXES = ("patch_embed", "pos_embed", "cls_token", "mask_token", "register_tokens")
 # learned tokens and embeddings that are not weight-decayed
@@ -30,15 +32,16 @@ TOKEN_NAMES = ("pos_embed", "cls_token", "mask_token", "register_tokens")
 
 @dataclass(frozen=True)
 class ParamGroupConfig:
-    """Optimiser grouping rules (official defaults: layer decay 0.9 for ViT-L/16 short, 1.0 for ViT-L/g 14)."""
+    """Optimiser grouping rules; the defaults are ``optim.layerwise_decay`` / ``optim.patch_embed_lr_mult``'s
+    (``dinolab.configs.schema.OptimConfig``, the official 0.9 and 0.2)."""
 
-    layer_decay: float = 0.9
-    patch_embed_lr_mult: float = 0.2
+    layerwise_decay: float = OptimConfig.layerwise_decay
+    patch_embed_lr_mult: float = OptimConfig.patch_embed_lr_mult
     backbone_key: str = "backbone"
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.layer_decay <= 1.0:
-            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if not 0.0 < self.layerwise_decay <= 1.0:
+            raise ValueError(f"layerwise_decay must be in (0, 1], got {self.layerwise_decay}")
         if self.patch_embed_lr_mult < 0.0:
             raise ValueError(f"patch_embed_lr_mult must be >= 0, got {self.patch_embed_lr_mult}")
 
@@ -92,7 +95,7 @@ def param_settings(student: nn.Module, cfg: ParamGroupConfig = ParamGroupConfig(
             continue
         relative = name[len(prefix) :] if name.startswith(prefix) else None
         layer = n_blocks + 1 if relative is None else backbone_layer_id(relative, n_blocks)
-        lr_mult = cfg.layer_decay ** (n_blocks + 1 - layer)
+        lr_mult = cfg.layerwise_decay ** (n_blocks + 1 - layer)
         if relative is not None and relative.startswith("patch_embed"):
             lr_mult *= cfg.patch_embed_lr_mult
         settings.append(

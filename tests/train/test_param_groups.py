@@ -89,7 +89,7 @@ def test_frozen_parameters_are_left_out_and_decay_one_is_flat():
     student["backbone"].mask_token.requires_grad_(False)
     names = [n for g in build_param_groups(student) for n in g["param_names"]]
     assert "backbone.mask_token" not in names
-    flat = param_settings(student, ParamGroupConfig(layer_decay=1.0, patch_embed_lr_mult=1.0))
+    flat = param_settings(student, ParamGroupConfig(layerwise_decay=1.0, patch_embed_lr_mult=1.0))
     assert {s["lr_multiplier"] for s in flat} == {1.0}
 
 
@@ -106,5 +106,5 @@ def test_layer_ids_of_official_names():
 def test_bad_inputs():
     with pytest.raises(ValueError, match="backbone"):
         build_param_groups(nn.ModuleDict({"dino_head": nn.Linear(2, 2)}))
-    with pytest.raises(ValueError, match="layer_decay"):
-        ParamGroupConfig(layer_decay=0.0)
+    with pytest.raises(ValueError, match="layerwise_decay"):
+        ParamGroupConfig(layerwise_decay=0.0)
