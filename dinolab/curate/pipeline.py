@@ -14,7 +14,8 @@ Output folder (every stage resumable, see :mod:`dinolab.curate.stages`)::
     <out>/curated.jsonl               # the union: {"path", "row", "seed_set", "method", "similarity"}
     <out>/report/                     # report.json, nn_similarity.png, duplicates.png, clusters.png
 
-Under torchrun every stage runs on every rank, each on its own stride of shards / chunks
+Embedding sources and the reused pool index: :mod:`dinolab.curate.sources`. Under torchrun every stage runs on
+every rank, each on its own stride of shards / chunks
 (``rank, rank + W, ...``): embedding, the k-NN graph (a pool index sharded by rank,
 :mod:`dinolab.curate.sharded`), relative dedup, k-means (sums all-reduced per iteration) and the
 retrieval searches; only what must be merged goes to rank 0 (the edges for the union-find, the kept
@@ -29,7 +30,6 @@ nearest-neighbour similarities (a regular subsample beyond that) for the guard a
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,16 +48,16 @@ from dinolab.curate.dedup import (
     self_dedup,
 )
 from dinolab.curate.guard import outcome_problem
-from dinolab.curate.embed import EmbedConfig, dist_env, embed_images
+from dinolab.curate.embed import EmbedConfig
 from dinolab.curate.hierarchical import HierarchicalConfig, run_hierarchical
 from dinolab.curate import collective
 from dinolab.curate.index import IndexConfig
-from dinolab.curate.sharded import ShardedIndex
 from dinolab.curate.report import ReportConfig, write_report
 from dinolab.curate.retrieve import RetrieveConfig, make_records, retrieve_sharded, union_records, write_jsonl
+from dinolab.curate.sharded import ShardedIndex
+from dinolab.curate.sources import PoolIndexes, Sources, result_key
 from dinolab.curate.stages import Stage
-from dinolab.curate.store import EmbeddingStore, ShardedEmbeddings, is_precomputed, load_precomputed
-from dinolab.data.images import path_bytes, resolve_image_source
+from dinolab.curate.store import EmbeddingStore
 from dinolab.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -99,104 +99,6 @@ class CurateConfig:
     strict: bool = False
 
 
-# Seed of the random backbone used when no weights are given (identical on every rank).
-RANDOM_INIT_SEED = 0
-
-# Settings that change speed, not results: left out of stage hashes so a run can resume elsewhere.
-HARDWARE_FIELDS = ("use_gpu", "search_batch", "num_workers", "device", "batch_size")
-
-
-def _result_key(cfg: Any) -> dict:
-    """The fields of a config dataclass that change results."""
-    return {k: v for k, v in asdict(cfg).items() if k not in HARDWARE_FIELDS}
-
-
-def _hash_strings(items: list[str]) -> str:
-    """Hash of file names as the OS stores them (bytes), so any name works, even one that is not UTF-8
-    (a ``str`` with ``surrogateescape``); for UTF-8 names the bytes, hence the hash, are unchanged."""
-    digest = hashlib.sha256()
-    for item in items:
-        digest.update(path_bytes(item) + b"\n")
-    return digest.hexdigest()[:16]
-
-
-def _file_key(path: str | Path | None) -> dict[str, Any] | None:
-    if path is None:
-        return None
-    path = Path(path).resolve()
-    return {"file": str(path), "bytes": path.stat().st_size if path.exists() else None}
-
-
-class _Sources:
-    """Opens pools / seed sets / evaluation sets: precomputed files directly, image sources by embedding."""
-
-    def __init__(self, out: Path, cfg: CurateConfig, model: torch.nn.Module | Callable[[], torch.nn.Module] | None):
-        self.out, self.cfg = out, cfg
-        self.model = model if model is not None else self._build_model
-        self.rank, self.world_size = dist_env()
-        self.pending: list[tuple[list[Path], Stage]] = []
-
-    def _build_model(self) -> torch.nn.Module:
-        from dinolab.models import build_backbone
-
-        if self.cfg.weights is not None:
-            return build_backbone(self.cfg.arch, weights=self.cfg.weights)
-        log.warning("no --weights: curating with a randomly initialised %s is only a test of the pipeline, "
-                    "its embeddings are not meaningful", self.cfg.arch)
-        # The same seed on every rank (and in one process): all ranks embed with the same random model.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            return build_backbone(self.cfg.arch, weights=None)
-
-    def embed(self, name: str, source: str | Path) -> tuple[Path | None, dict[str, Any]]:
-        """Embed an image source on this rank (no-op for embeddings files) -> (folder, hash key)."""
-        if is_precomputed(source):
-            return None, {"precomputed": _file_key(source)}
-        paths = resolve_image_source(source)
-        config = {
-            "images": _hash_strings([str(p) for p in paths]),
-            "num_images": len(paths),
-            "arch": self.cfg.arch,
-            "weights": _file_key(self.cfg.weights),
-            "embed": _result_key(self.cfg.embed),
-        }
-        stage = Stage(self.out / "embed" / name, "embed", config, self.cfg.on_change).open()
-        embed_images(paths, self.model, stage, self.cfg.embed, self.rank, self.world_size)
-        self.pending.append((paths, stage))
-        return stage.folder, {"embed": stage.hash}
-
-    def finish_all(self) -> None:
-        """On rank 0 after all ranks embedded: finish (or complete) every embedding stage."""
-        for paths, stage in self.pending:
-            if not embed_images(paths, self.model, stage, self.cfg.embed, rank=0, world_size=1):
-                raise RuntimeError(f"embedding stage {stage.folder} did not finish")
-
-    def open(self, source: str | Path, folder: Path | None) -> EmbeddingStore:
-        if folder is None:
-            return load_precomputed(source, chunk_rows=self.cfg.chunk_rows)
-        return ShardedEmbeddings(folder)
-
-
-class _PoolIndexes:
-    """Builds the sharded pool index for dedup, then reuses its training (IVF cells) for retrieval."""
-
-    def __init__(self, store: EmbeddingStore, cfg: IndexConfig) -> None:
-        self.store, self.cfg = store, cfg
-        self.trained = None
-
-    def full(self) -> ShardedIndex:
-        index = ShardedIndex(self.store, self.cfg)
-        self.trained = index.trained
-        return index
-
-    def over(self, rows: np.ndarray) -> ShardedIndex:
-        # The kept rows are a subset of the pool, so the pool's IVF cells suit them; reuse them
-        # unless "auto" picks another kind for the smaller count.
-        same_kind = self.cfg.resolved_kind(len(rows)) == self.cfg.resolved_kind(self.store.num_rows)
-        trained = self.trained if same_kind else None
-        return ShardedIndex(self.store, self.cfg, rows=rows, trained=trained)
-
-
 def _parse_named(named: dict[str, str | Path] | None) -> dict[str, str | Path]:
     named = dict(named or {})
     for name in named:
@@ -231,7 +133,7 @@ def run_curation(
     seeds, eval_sets = _parse_named(seeds), _parse_named(eval_sets)
     if not seeds and not cfg.hierarchical_sample:
         raise ValueError("no seed sets given (--seeds NAME=PATH) and hierarchical_sample is off: nothing to curate")
-    sources = _Sources(out, cfg, model)
+    sources = Sources(out, cfg, model)
     pool_folder, pool_key = sources.embed("pool", pool)
     seed_folders = {n: sources.embed(f"seeds-{n}", p) for n, p in seeds.items()}
     eval_folders = {n: sources.embed(f"eval-{n}", p) for n, p in eval_sets.items()}
@@ -249,9 +151,9 @@ def run_curation(
     counts: dict[str, Any] = {"pool": store.num_rows}
 
     dedup_stage = Stage(out / "dedup", "dedup", {
-        "pool": pool_key, "k": cfg.dedup.k, "threshold": cfg.dedup.threshold, "index": _result_key(cfg.index),
+        "pool": pool_key, "k": cfg.dedup.k, "threshold": cfg.dedup.threshold, "index": result_key(cfg.index),
     }, cfg.on_change)
-    indexes = _PoolIndexes(store, cfg.index)
+    indexes = PoolIndexes(store, cfg.index)
     components = self_dedup(store, cfg.dedup, dedup_stage, cfg.index, indexes.full)
     counts["self_dedup"] = dedup_stage.outputs
     _guard(counts, cfg, lambda: outcome_problem(
@@ -275,7 +177,7 @@ def run_curation(
     clusters, cluster_hash, cluster_stage = None, None, None
     if "cluster" in methods.values():
         cluster_stage = Stage(out / "cluster", "cluster", {
-            "kept": relative_stage.hash, "kmeans": _result_key(cfg.kmeans),
+            "kept": relative_stage.hash, "kmeans": result_key(cfg.kmeans),
         }, cfg.on_change)
         clusters, cluster_hash = pool_kmeans(store, keep, cfg.kmeans, cluster_stage), cluster_stage.hash
         counts["cluster"] = cluster_stage.outputs
@@ -285,8 +187,8 @@ def run_curation(
         records += _hierarchical_records(store, keep, cfg, out, relative_stage.hash, counts)
     if seeds:
         retrieve_stage = Stage(out / "retrieve", "retrieve", {
-            "kept": relative_stage.hash, "cluster": cluster_hash, "index": _result_key(cfg.index),
-            "seeds": {n: k for n, (_, k) in seed_folders.items()}, "retrieve": _result_key(cfg.retrieve),
+            "kept": relative_stage.hash, "cluster": cluster_hash, "index": result_key(cfg.index),
+            "seeds": {n: k for n, (_, k) in seed_folders.items()}, "retrieve": result_key(cfg.retrieve),
         }, cfg.on_change)
         records += _retrieve_all(store, keep, seed_stores, clusters, cfg, retrieve_stage, indexes)
         counts["retrieve"] = retrieve_stage.outputs
@@ -325,7 +227,7 @@ def _hierarchical_records(
 ) -> list[dict[str, Any]]:
     """Hierarchical sampling (collective): its records on rank 0, ``[]`` elsewhere."""
     stage = Stage(out / "hierarchical", "hierarchical", {
-        "kept": kept_hash, "hierarchical": _result_key(cfg.hierarchical),
+        "kept": kept_hash, "hierarchical": result_key(cfg.hierarchical),
     }, cfg.on_change)
     rows, sims = run_hierarchical(store, keep, cfg.hierarchical, stage)
     counts["hierarchical"] = stage.outputs
@@ -341,7 +243,7 @@ def _retrieve_all(
     clusters: ClusterAssignment | None,
     cfg: CurateConfig,
     stage: Stage,
-    indexes: _PoolIndexes,
+    indexes: PoolIndexes,
 ) -> list[dict[str, Any]]:
     """One shard per seed set (rows, similarities), computed by all ranks together, written by rank 0;
     on finish, ``<name>.jsonl`` per seed set. Returns the records on rank 0, ``[]`` elsewhere."""
