@@ -106,13 +106,16 @@ def health_flags(records: list[dict], cfg: Config, rel_tol: float = REL_TOL,
         if all(abs(v - lv["level"]) <= rel_tol * lv["level"] for v in values):
             flags[f"{term}_at_uniform"] = True
             smaller = min(64, max(2, lv["K"] // 4))
+            temp = cfg.teacher.teacher_temp  # halved down to 0.02, the sharpest that the main job uses
+            sharper = max(0.02, round(temp / 2, 4)) if temp > 0.02 else None
             scale = "" if lv["level"] == lv["ln_k"] else f" (its uniform level {lv['level']:.3f} = weight x ln K x masked share)"
             flags["messages"].append(
                 f"the {name} term sits at ln {lv['K']} = {lv['ln_k']:.3f}{scale} over the last {len(values)} "
                 f"logged value(s) (last {values[-1]:.3f}): the student predicts the uniform distribution over "
                 f"the prototypes and this term learns nothing; try fewer prototypes ({head_key[term]}={smaller}), "
-                + (f"a sharper teacher (teacher.teacher_temp=0.04), " if cfg.teacher.teacher_temp > 0.04 else "")
-                + "a longer warm-up "
+                + (f"a sharper teacher (teacher.teacher_temp={sharper:g}), " if sharper else "")
+                + "on small or grey images a weaker photometric augmentation (crops.color_jitter_p=0 "
+                "crops.solarize_p=0: what made the main job's DINO term learn), or a longer warm-up "
                 f"(optim.warmup_epochs, teacher.warmup_teacher_temp_epochs)")
     koleo = _last_half(records, "koleo")
     w = cfg.dino.koleo_loss_weight

@@ -33,9 +33,13 @@ def test_monitor_flags_a_term_stuck_at_ln_k_and_not_a_learning_one():
     assert len(stuck["messages"]) == 2
     assert "ln 256" in stuck["messages"][0] and "dino.head.n_prototypes=64" in stuck["messages"][0]
     assert "warm-up" in stuck["messages"][0]
-    assert "teacher.teacher_temp=0.04" not in stuck["messages"][0]  # the cpu preset's teacher is already at 0.04
+    assert "teacher.teacher_temp=0.02" in stuck["messages"][0]  # the cpu preset's 0.04, halved
+    assert "crops.solarize_p=0" in stuck["messages"][0]
     warmer = health_flags(_records(300, lambda i: ln_dino, lambda i: ibot_uniform), _cfg("teacher.teacher_temp=0.07"))
-    assert "teacher.teacher_temp=0.04" in warmer["messages"][0]
+    assert "teacher.teacher_temp=0.035" in warmer["messages"][0]
+    sharpest = health_flags(_records(300, lambda i: ln_dino, lambda i: ibot_uniform),
+                            _cfg("teacher.teacher_temp=0.02", "teacher.warmup_teacher_temp=0.02"))
+    assert "teacher.teacher_temp" not in sharpest["messages"][0]  # already at the sharpest suggested
     json.dumps(stuck)  # goes into summary.json as is
 
     learning = health_flags(_records(300, lambda i: ln_dino * (1 - 0.5 * i / 300),
