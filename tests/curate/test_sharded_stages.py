@@ -35,13 +35,15 @@ def _load_planted_pool():
 planted_pool = _load_planted_pool()
 
 
-def _inputs(folder: Path) -> dict:
-    x, _ = planted_pool(n_base=300, dim=32, n_groups=25, copies=2, noise=0.3, seed=0)
-    np.save(folder / "pool.npy", x)
-    rng = np.random.default_rng(1)
-    np.save(folder / "near.npy", x[:40] + 0.05 * rng.standard_normal((40, 32)).astype(np.float32))
-    np.save(folder / "few.npy", x[40:46] + 0.05 * rng.standard_normal((6, 32)).astype(np.float32))
-    np.save(folder / "eval.npy", x[100:104])
+def _inputs(folder: Path, write: bool = True) -> dict:
+    """The input files (written when ``write``: by one rank only, as two ranks rewriting the same file race)."""
+    if write:
+        x, _ = planted_pool(n_base=300, dim=32, n_groups=25, copies=2, noise=0.3, seed=0)
+        np.save(folder / "pool.npy", x)
+        rng = np.random.default_rng(1)
+        np.save(folder / "near.npy", x[:40] + 0.05 * rng.standard_normal((40, 32)).astype(np.float32))
+        np.save(folder / "few.npy", x[40:46] + 0.05 * rng.standard_normal((6, 32)).astype(np.float32))
+        np.save(folder / "eval.npy", x[100:104])
     return {"pool": folder / "pool.npy", "seeds": {"near": folder / "near.npy", "few": folder / "few.npy"},
             "eval_sets": {"val": folder / "eval.npy"}}
 
@@ -79,7 +81,8 @@ def _curate(rank: int, folder: str, out: str, fail_after_first_dedup_shard: bool
                     raise RuntimeError("rank 1 killed after its first dedup shard")
 
             Stage.write_shard = write_then_die
-        inputs = _inputs(Path(folder))
+        inputs = _inputs(Path(folder), write=rank == 0)
+        torch.distributed.barrier()  # the files are complete before any rank reads them
         run_curation(inputs["pool"], inputs["seeds"], out, _config(index), eval_sets=inputs["eval_sets"])
     finally:
         torch.distributed.destroy_process_group()
