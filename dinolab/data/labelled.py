@@ -86,11 +86,11 @@ class LabelledImages:
     labels: np.ndarray  # int64 [N]
 
 
-@dataclass
-class LabelledSet:
-    """Named splits of labelled images (``train`` always) and the class names."""
+class NamedSplits:
+    """Lookup shared by data sets of named splits with class names (``splits``, ``class_names``, ``source``
+    attributes): :class:`LabelledSet` and segmentation's ``SegmentationData``."""
 
-    splits: dict[str, LabelledImages]
+    splits: dict
     class_names: list[str]
     source: str
 
@@ -98,10 +98,20 @@ class LabelledSet:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def split(self, name: str) -> LabelledImages:
+    def split(self, name: str):
+        """The split ``name``; a one-line ValueError naming the source and its splits when it has none."""
         if name not in self.splits:
             raise ValueError(f"{self.source}: no {name!r} split (found {', '.join(self.splits)})")
         return self.splits[name]
+
+
+@dataclass
+class LabelledSet(NamedSplits):
+    """Named splits of labelled images (``train`` always) and the class names."""
+
+    splits: dict[str, LabelledImages]
+    class_names: list[str]
+    source: str
 
     @property
     def eval_split(self) -> str:

@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image
 
 from dinolab.data.images import as_image_array, list_images
-from dinolab.data.labelled import EXPECTED, SPLITS, ImageSet, LabelledImages, LabelledSet, read_labelled  # noqa: F401
+from dinolab.data.labelled import (  # noqa: F401
+    EXPECTED, SPLITS, ImageSet, LabelledImages, LabelledSet, NamedSplits, read_labelled)
 
 
 def _require(arrays: dict, key: str, source: str, expected: str) -> np.ndarray:
@@ -69,20 +70,11 @@ class SegmentationSplit:
 
 
 @dataclass
-class SegmentationData:
+class SegmentationData(NamedSplits):
     splits: dict[str, SegmentationSplit]
     class_names: list[str]
     ignore_index: int
     source: str
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def split(self, name: str) -> SegmentationSplit:
-        if name not in self.splits:
-            raise ValueError(f"{self.source}: no {name!r} split (found {', '.join(self.splits)})")
-        return self.splits[name]
 
 
 SEGMENTATION_EXPECTED = "segmentation npz needs x_train, mask_train and x_val/mask_val and/or x_test/mask_test"

@@ -56,7 +56,7 @@ def build_config(args: argparse.Namespace) -> Config:
 def _adapt_config(args: argparse.Namespace, base: dict) -> Config:
     """``--adapt WEIGHTS``: preset (default: by the weights' size) <- the weights' architecture and crops <-
     an epoch of the data (``optim.epoch_length = images // global batch``, unless overridden) <- overrides."""
-    import os
+    from dinolab.distributed.env import dist_env
 
     from dinolab.train.adapt import adapt_base
 
@@ -68,7 +68,7 @@ def _adapt_config(args: argparse.Namespace, base: dict) -> Config:
     cfg = load_config(preset, args.overrides, base=base)
     if any(o.split("=", 1)[0].strip() == "optim.epoch_length" for o in args.overrides):
         return cfg
-    batch = cfg.train.batch_size_per_gpu * int(os.environ.get("WORLD_SIZE", "1"))
+    batch = cfg.train.batch_size_per_gpu * dist_env()[1]
     base["optim"] = {"epoch_length": max(1, dataset_size(cfg.data.path) // batch)}
     return load_config(preset, args.overrides, base=base)
 
@@ -125,14 +125,14 @@ def validate_run(cfg: Config, output: str | Path) -> None:
     Raises:
         FileNotFoundError, ValueError: one line naming the input.
     """
-    import os
+    from dinolab.distributed.env import dist_env
 
     from dinolab.utils.io import check_output_dir
     from dinolab.train.preflight import check_batch, check_sources, resolve_runtime
 
     check_output_dir(output, "--output")
     check_sources(cfg)
-    check_batch(cfg, dataset_size(cfg.data.path), int(os.environ.get("WORLD_SIZE", "1")))
+    check_batch(cfg, dataset_size(cfg.data.path), dist_env()[1])
     resolve_runtime(cfg)
 
 
