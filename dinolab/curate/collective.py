@@ -15,31 +15,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from dinolab.curate.embed import dist_env
+from dinolab.distributed.env import dist_env, is_initialized, world_size
 
 # Fixed-point scale for exact (hence order-free) sums of unit-vector coordinates: 2^32 steps per unit
 # leaves 2^31 summands of |x| <= 1 before int64 overflows, and is finer than float32 near 1e-2.
 FIXED_POINT = 2.0**32
 
 
-def initialised() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def barrier() -> None:
-    if initialised():
+    if is_initialized():
         torch.distributed.barrier()
 
 
 def _device() -> torch.device:
-    if initialised() and torch.distributed.get_backend() == "nccl":
+    if is_initialized() and torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
 def broadcast(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank (picklable objects)."""
-    if not initialised():
+    if not is_initialized():
         return obj
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)
@@ -48,7 +44,7 @@ def broadcast(obj: Any, src: int = 0) -> Any:
 
 def all_gather(obj: Any) -> list[Any]:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (picklable objects, e.g. small arrays)."""
-    if not initialised():
+    if not is_initialized():
         return [obj]
     out: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
@@ -57,15 +53,11 @@ def all_gather(obj: Any) -> list[Any]:
 
 def gather(obj: Any) -> list[Any] | None:
     """``[obj of rank 0, obj of rank 1, ...]`` on rank 0, ``None`` elsewhere (picklable objects)."""
-    if not initialised():
+    if not is_initialized():
         return [obj]
     out = [None] * torch.distributed.get_world_size() if dist_env()[0] == 0 else None
     torch.distributed.gather_object(obj, out, dst=0)
     return out
-
-
-def world_size() -> int:
-    return torch.distributed.get_world_size() if initialised() else 1
 
 
 def _padded(x: np.ndarray, length: int) -> torch.Tensor:
@@ -102,8 +94,8 @@ def gather_rows(x: np.ndarray, dst: int, length: int) -> list[np.ndarray] | None
 
 def to_root(x: np.ndarray | None, owner: int, shape: tuple[int, ...], dtype: type) -> np.ndarray | None:
     """Rank ``owner``'s array ``x`` (of ``shape`` and ``dtype``) on rank 0, ``None`` elsewhere (point to point)."""
-    rank = dist_env()[0] if initialised() else 0
-    if owner == 0 or not initialised():
+    rank = dist_env()[0] if is_initialized() else 0
+    if owner == 0 or not is_initialized():
         return x if rank == 0 else None
     if rank == owner:
         torch.distributed.send(torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)).to(_device()), dst=0)
@@ -116,7 +108,7 @@ def to_root(x: np.ndarray | None, owner: int, shape: tuple[int, ...], dtype: typ
 
 def all_reduce_sum(x: np.ndarray) -> np.ndarray:
     """Element-wise sum over ranks of an int64 or float array (exact for integers)."""
-    if not initialised():
+    if not is_initialized():
         return x
     t = torch.from_numpy(np.ascontiguousarray(x)).to(_device())
     torch.distributed.all_reduce(t)
