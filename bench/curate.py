@@ -159,10 +159,47 @@ class Timer:
         return result
 
 
+class StageMemory:
+    """Peak anonymous and file-backed resident memory of this process per pipeline stage (MB), sampled every
+    ``interval`` seconds by a daemon thread; the stage is the one whose :class:`Stage` was made last."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        import threading
+
+        from dinolab.curate import pipeline
+
+        self.stage, self.peaks = "setup", {}
+        memory, original = self, pipeline.Stage
+
+        class Tracked(original):  # the pipeline makes each stage's Stage right before running it
+            def __init__(self, folder, name, *args, **kwargs):
+                memory.stage = name
+                super().__init__(folder, name, *args, **kwargs)
+
+        pipeline.Stage = Tracked
+        threading.Thread(target=self._sample, args=(interval,), daemon=True).start()
+
+    def _sample(self, interval: float) -> None:
+        while True:
+            fields = {}
+            with open("/proc/self/status") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key in ("RssAnon", "RssFile"):
+                        fields[key] = int(value.split()[0]) / 1024
+            anon, file = self.peaks.get(self.stage, (0.0, 0.0))
+            self.peaks[self.stage] = (max(anon, fields.get("RssAnon", 0.0)), max(file, fields.get("RssFile", 0.0)))
+            time.sleep(interval)
+
+
 def _rank_entry(rank: int, world_size: int, port: int, folder: str, cfg_kwargs: dict) -> None:
     import torch
 
     from dinolab.curate.pipeline import CurateConfig, run_curation
+    from dinolab.utils.cpu_tuning import return_freed_memory
+
+    return_freed_memory()  # as `dinolab curate` does
+    memory = StageMemory()
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -178,6 +215,7 @@ def _rank_entry(rank: int, world_size: int, port: int, folder: str, cfg_kwargs: 
                  root / f"out-{world_size}", cfg, eval_sets={"val": root / "eval.npy"})
     torch.distributed.destroy_process_group()
     (root / f"rss-{world_size}-{rank}.json").write_text(json.dumps(peak_rss_gb() * 1024))
+    (root / f"stages-{world_size}-{rank}.json").write_text(json.dumps(memory.peaks))
 
 
 def bench_ranks(args: argparse.Namespace) -> int:
@@ -208,6 +246,10 @@ def bench_ranks(args: argparse.Namespace) -> int:
             labels = Components.open(dedup).labels_of(np.arange(args.rows))
             recall = duplicate_recall(labels, group)["pair_recall"]
             rss = [json.loads((root / f"rss-{world_size}-{r}.json").read_text()) for r in range(world_size)]
+            for r in range(world_size):
+                peaks = json.loads((root / f"stages-{world_size}-{r}.json").read_text())
+                print(f"{world_size} rank(s), rank {r}, peak MB anonymous + file-backed per stage: "
+                      + ", ".join(f"{name} {a:.0f}+{f:.0f}" for name, (a, f) in peaks.items()), flush=True)
             curated = hashlib.sha1((root / f"out-{world_size}" / "curated.jsonl").read_bytes()).hexdigest()[:12]
             results.append({"ranks": world_size, "peak_rss_mb": [round(m, 1) for m in rss], "recall": recall,
                             "seconds": round(seconds, 1), "curated_sha": curated})

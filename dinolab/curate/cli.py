@@ -111,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args, seed_overrides + eval_overrides)
     check_sources({"--pool": args.pool, **{f"--seeds {n}": p for n, p in seeds.items()},
                    **{f"--eval-sets {n}": p for n, p in eval_sets.items()}})
+    from dinolab.utils.cpu_tuning import return_freed_memory
+
+    return_freed_memory()  # freed buffers go back to the kernel: a lower peak per rank (process-wide: here only)
     started = _init_distributed()
     try:
         counts = run_curation(args.pool, seeds, args.out, cfg, eval_sets=eval_sets)

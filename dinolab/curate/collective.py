@@ -115,6 +115,15 @@ def all_reduce_sum(x: np.ndarray) -> np.ndarray:
     return t.cpu().numpy()
 
 
+def all_reduce_max(x: np.ndarray) -> np.ndarray:
+    """Element-wise maximum over ranks (exact for any dtype)."""
+    if not is_initialized():
+        return x
+    t = torch.from_numpy(np.ascontiguousarray(x)).to(_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.cpu().numpy()
+
+
 def fixed_point(x: np.ndarray) -> np.ndarray:
     """Float array -> int64 fixed point (:data:`FIXED_POINT`), whose sums are exact in any order."""
     return np.rint(np.asarray(x, dtype=np.float64) * FIXED_POINT).astype(np.int64)

@@ -177,6 +177,93 @@ def _sample_rows(rows: np.ndarray, size: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(rows, size=size, replace=False))
 
 
+# Lloyd iterations of the IVF cells (faiss's own IVF training default, ``IndexIVF.cp.niter``, in faiss 1.15)
+IVF_TRAIN_ITER = 10
+# Rows a PQ encoder trains on (faiss's ``train_encoder_num_vectors`` for 8-bit PQ: 256 points per centroid)
+PQ_TRAIN_ROWS = 65536
+# Scalar quantizers whose training is a per-dimension min/max of the residuals (faiss RS_minmax, non-uniform)
+_MINMAX_SQ = ("8bit", "6bit", "4bit")
+
+
+def train_index(store: EmbeddingStore, cfg: IndexConfig, rows: np.ndarray) -> faiss.Index:
+    """An empty trained index for the sorted pool ``rows``, the same on every rank; collective under torchrun.
+
+    The IVF cells are spherical k-means centroids of a sample of ``train_size`` rows (default ``64 * nlist``),
+    computed by :func:`dinolab.curate.kmeans.lloyd`: each rank assigns the sample rows of its own chunks and
+    the integer sums are all-reduced, so the cells are byte-identical for any number of ranks and no rank
+    holds more than its part of the sample. The encoder: nothing for ``ivf`` and ``fp16``; the 8/6/4-bit
+    scalar quantizer's range is the per-dimension min and max of the sample's residuals (all-reduced, as
+    faiss's ``RS_minmax`` computes it on one machine); PQ codebooks are trained by faiss on rank 0 over at most
+    :data:`PQ_TRAIN_ROWS` sample rows and sent to every rank.
+    """
+    from dinolab.curate import kmeans
+
+    index = make_index(store.dim, len(rows), cfg)
+    if index.is_trained:  # flat
+        return index
+    nlist = cfg.resolved_nlist(len(rows))
+    sample = _sample_rows(rows, cfg.train_size or 64 * nlist, cfg.seed)
+    centroids = kmeans.lloyd(store, sample, nlist, IVF_TRAIN_ITER, cfg.seed)
+    index.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    if isinstance(index, faiss.IndexIVFPQ):
+        return _train_pq_on_root(store, index, _sample_rows(sample, PQ_TRAIN_ROWS, cfg.seed))
+    if isinstance(index, faiss.IndexIVFScalarQuantizer) and cfg.sq_type in _MINMAX_SQ:
+        low, high = _residual_range(store, sample, centroids)
+        faiss.copy_array_to_vector(np.concatenate([low, high - low]).astype(np.float32), index.sq.trained)
+    index.is_trained = True
+    return index
+
+
+def _residual_range(store: EmbeddingStore, sample: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension min and max [D] over the sample rows of ``x - centroid(x)`` (all-reduced: exact)."""
+    from dinolab.curate import collective, kmeans
+
+    low = np.full(store.dim, np.inf, np.float32)
+    high = np.full(store.dim, -np.inf, np.float32)
+    for _, _, emb in kmeans.sample_by_chunk(store, sample):
+        cluster, _ = kmeans.assign(centroids, emb)
+        residual = emb - centroids[cluster]
+        low, high = np.minimum(low, residual.min(axis=0)), np.maximum(high, residual.max(axis=0))
+    return -collective.all_reduce_max(-low), collective.all_reduce_max(high)
+
+
+def _train_pq_on_root(store: EmbeddingStore, index: faiss.Index, sample: np.ndarray) -> faiss.Index:
+    """Rank 0 trains the PQ codebooks of ``index`` (its cells already set) on the ``sample`` rows; every rank
+    receives the trained index."""
+    from dinolab.curate import collective
+
+    rows = _gather_to_root(store, sample)
+    if rows is not None:
+        index.train(rows)  # the quantizer holds nlist centroids: faiss trains the codebooks only
+    blob = faiss.serialize_index(index) if rows is not None else None
+    return faiss.deserialize_index(collective.broadcast(blob))
+
+
+def _gather_to_root(store: EmbeddingStore, rows: np.ndarray) -> np.ndarray | None:
+    """Embeddings of the sorted ``rows`` [M, D] on rank 0 (``None`` elsewhere).
+
+    Each rank reads only its own chunks and sends their selected rows to rank 0 chunk by chunk, so no
+    rank touches the whole pool and rank 0 holds the result plus one chunk's part.
+    """
+    from dinolab.curate import collective
+
+    rank, world = collective.dist_env()
+    offsets = store.chunk_offsets()
+    out = np.empty((len(rows), store.dim), np.float32) if rank == 0 else None
+    for chunk in range(store.num_chunks()):
+        lo, hi = np.searchsorted(rows, offsets[chunk : chunk + 2])
+        if hi == lo:
+            continue
+        owner, part = chunk % world, None
+        if rank == owner:
+            start, emb = store.chunk(chunk)
+            part = emb[rows[lo:hi] - start]
+        part = collective.to_root(part, owner, (int(hi - lo), store.dim), np.float32)
+        if out is not None:
+            out[lo:hi] = part
+    return out
+
+
 def build_index(
     store: EmbeddingStore, cfg: IndexConfig, rows: np.ndarray | None = None, trained: faiss.Index | None = None
 ) -> PoolIndex:
@@ -191,14 +278,10 @@ def build_index(
 
     Returns:
         The filled :class:`PoolIndex`. Memory: the index itself (see the module docstring) plus
-        one chunk and, while training, ``train_size x D`` floats.
+        one chunk and, while training, ``train_size x D`` floats (:func:`train_index`).
     """
     rows = np.arange(store.num_rows, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
-    index = faiss.clone_index(trained) if trained is not None else make_index(store.dim, len(rows), cfg)
-    if not index.is_trained:
-        nlist = cfg.resolved_nlist(len(rows))
-        train_rows = _sample_rows(rows, cfg.train_size or 64 * nlist, cfg.seed)
-        index.train(store.gather(train_rows))
+    index = faiss.clone_index(trained) if trained is not None else train_index(store, cfg, rows)
     empty_trained = faiss.clone_index(index)
     index = _maybe_to_gpu(index, cfg)
     for start, emb in tqdm(store.iter_chunks(), total=store.num_chunks(), desc="index", unit="chunk"):

@@ -38,7 +38,7 @@ def assign(centroids: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return ids[:, 0].astype(np.int64), sims[:, 0]
 
 
-def _sample_by_chunk(store: EmbeddingStore, sample: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+def sample_by_chunk(store: EmbeddingStore, sample: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(chunk, positions in ``sample``, embeddings) of the sample rows in each of this rank's chunks."""
     parts = []
     for chunk in collective.my_chunks(store.num_chunks()):
@@ -61,7 +61,7 @@ def kmeans_plus_plus(store: EmbeddingStore, sample: np.ndarray, k: int, seed: in
     Returns:
         centres [k, D] float32 (on every rank).
     """
-    parts = _sample_by_chunk(store, sample)
+    parts = sample_by_chunk(store, sample)
     rng = np.random.default_rng(seed)
     owned = {chunk: j for j, (chunk, _, _) in enumerate(parts)}
     nearest = [np.full(len(positions), -np.inf, np.float32) for _, positions, _ in parts]
@@ -114,7 +114,7 @@ def lloyd(
     Returns:
         centroids [k, D] float32, unit norm (on every rank).
     """
-    parts = _sample_by_chunk(store, sample)
+    parts = sample_by_chunk(store, sample)
     if init is None:
         draw = np.sort(np.random.default_rng(seed).choice(len(sample), size=k, replace=False))
         centroids = np.zeros((k, store.dim), np.int64)

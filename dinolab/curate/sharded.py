@@ -2,8 +2,8 @@
 
 Under ``torchrun`` with W ranks, rank r fills its index with the selected rows of chunks
 ``r, r + W, ...`` only, so each rank holds about 1/W of the index. The IVF cells (if any) are trained
-once, on rank 0 (each rank sends it the training rows of its own chunks), and sent to all ranks, so
-every shard uses the same coarse quantizer and a query probes the same cells in every shard: the union
+once, collectively (:func:`~dinolab.curate.index.train_index`: each rank works on the training rows of
+its own chunks, and every rank ends with the same cells), so every shard uses the same coarse quantizer and a query probes the same cells in every shard: the union
 of the shards' top-k is the top-k of one index over all rows (exact for ``flat``, the same approximation
 as one index for IVF kinds).
 
@@ -11,7 +11,7 @@ as one index for IVF kinds).
 block by block (``search_batch`` queries per rank), the queries of all ranks are gathered, each rank
 searches them in its shard, and the results go back to their rank and are merged with
 :func:`~dinolab.curate.collective.merge_topk`. Memory per rank: its index shard, plus W blocks of queries
-and their ``[block, k]`` results; on rank 0, while training, the training rows.
+and their ``[block, k]`` results; while training, its part of the training rows.
 """
 
 from __future__ import annotations
@@ -20,45 +20,14 @@ import faiss
 import numpy as np
 
 from dinolab.curate import collective
-from dinolab.curate.index import IndexConfig, PoolIndex, _maybe_to_gpu, _sample_rows, make_index
+from dinolab.curate.index import IndexConfig, PoolIndex, _maybe_to_gpu, train_index
 from dinolab.curate.store import EmbeddingStore
 
 
 def train_once(store: EmbeddingStore, cfg: IndexConfig, rows: np.ndarray, trained: faiss.Index | None = None) -> faiss.Index:
-    """An empty trained index for ``rows`` (rank 0 trains, every rank receives it)."""
-    if trained is not None:
-        return faiss.clone_index(trained)
-    index = make_index(store.dim, len(rows), cfg)
-    if not index.is_trained:
-        nlist = cfg.resolved_nlist(len(rows))
-        sample = gather_to_root(store, _sample_rows(rows, cfg.train_size or 64 * nlist, cfg.seed))
-        if sample is not None:
-            index.train(sample)
-    blob = faiss.serialize_index(index) if collective.dist_env()[0] == 0 else None
-    return faiss.deserialize_index(collective.broadcast(blob))
-
-
-def gather_to_root(store: EmbeddingStore, rows: np.ndarray) -> np.ndarray | None:
-    """Embeddings of the sorted ``rows`` [M, D] on rank 0 (``None`` elsewhere).
-
-    Each rank reads only its own chunks and sends their selected rows to rank 0 chunk by chunk, so no
-    rank touches the whole pool and rank 0 holds the result plus one chunk's part.
-    """
-    rank, world = collective.dist_env()
-    offsets = store.chunk_offsets()
-    out = np.empty((len(rows), store.dim), np.float32) if rank == 0 else None
-    for chunk in range(store.num_chunks()):
-        lo, hi = np.searchsorted(rows, offsets[chunk : chunk + 2])
-        if hi == lo:
-            continue
-        owner, part = chunk % world, None
-        if rank == owner:
-            start, emb = store.chunk(chunk)
-            part = emb[rows[lo:hi] - start]
-        part = collective.to_root(part, owner, (int(hi - lo), store.dim), np.float32)
-        if out is not None:
-            out[lo:hi] = part
-    return out
+    """An empty trained index for ``rows``: a copy of ``trained``, else :func:`~dinolab.curate.index.train_index`
+    (collective: every rank trains on the sample rows of its own chunks)."""
+    return faiss.clone_index(trained) if trained is not None else train_index(store, cfg, rows)
 
 
 class ShardedIndex:

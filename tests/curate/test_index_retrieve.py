@@ -125,3 +125,32 @@ def test_union_keeps_most_similar_record_per_image():
         {"row": 3, "similarity": 0.7, "seed_set": "b"},
     ]
     assert [(r["row"], r["seed_set"]) for r in union_records(recs)] == [(1, "a"), (3, "b")]
+
+
+def test_ivf_training_is_lloyd_cells_and_the_residual_range_of_the_sample():
+    import faiss
+
+    from dinolab.curate.index import _sample_rows, train_index
+    from dinolab.curate.kmeans import lloyd
+    from dinolab.curate.store import l2_normalize
+
+    x = l2_normalize(np.random.default_rng(5).standard_normal((3000, 24)).astype(np.float32))
+    store = ArrayEmbeddings(x, chunk_rows=400)
+    cfg = IndexConfig(kind="ivfsq", nlist=12, use_gpu=False)
+    index = train_index(store, cfg, np.arange(3000))
+    sample = _sample_rows(np.arange(3000), 64 * 12, cfg.seed)
+    cells = index.quantizer.reconstruct_n(0, 12)
+    assert np.array_equal(cells, lloyd(store, sample, 12, 10, cfg.seed))
+    # 8-bit non-uniform range: per dimension [min, max - min] of x - (its most similar cell) over the sample
+    residual = x[sample] - cells[np.argmax(x[sample] @ cells.T, axis=1)]
+    low, high = residual.min(axis=0), residual.max(axis=0)
+    trained = faiss.vector_to_array(index.sq.trained)
+    np.testing.assert_allclose(trained, np.concatenate([low, high - low]), rtol=0, atol=1e-6)
+    # the trained index answers like faiss's own IVFSQ training over the same cells
+    ref = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(24), 24, 12, faiss.ScalarQuantizer.QT_8bit,
+                                        faiss.METRIC_INNER_PRODUCT)
+    ref.quantizer.add(cells)
+    ref.train(x[sample])
+    ref.nprobe = index.nprobe
+    index.add(x), ref.add(x)
+    assert np.mean(index.search(x[:200], 5)[1] == ref.search(x[:200], 5)[1]) > 0.95

@@ -136,3 +136,36 @@ def test_two_ranks_with_an_ivf_index_and_searches_in_rounds_give_the_same_bytes(
     run_ranks(_curate, 2, str(tmp_path), str(tmp_path / "out"), False, "ivf")
     two = _outputs(tmp_path / "out")
     assert [name for name in one if one[name] != two[name]] == []
+
+
+def _trained_bytes(rank: int, folder: str) -> None:
+    """Rank r trains the ivfsq and ivfpq indexes of a 2,000-row pool (chunks strided over the ranks) and
+    writes their serialized bytes."""
+    from dinolab.curate.index import IndexConfig, train_index
+    from dinolab.curate.store import ArrayEmbeddings, l2_normalize
+
+    if rank >= 0:  # -1: one process, no process group
+        torch.distributed.init_process_group("gloo")
+    x = l2_normalize(np.random.default_rng(3).standard_normal((2000, 16)).astype(np.float32))
+    store = ArrayEmbeddings(x, chunk_rows=300)
+    for kind in ("ivfsq", "ivfpq"):
+        cfg = IndexConfig(kind=kind, nlist=8, pq_m=4, pq_nbits=4, use_gpu=False)
+        blob = faiss_bytes(train_index(store, cfg, np.arange(2000)))
+        if rank <= 0:
+            (Path(folder) / f"{kind}.bin").write_bytes(blob)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def faiss_bytes(index) -> bytes:
+    import faiss
+
+    return faiss.serialize_index(index).tobytes()
+
+
+def test_ivf_cells_and_encoders_train_on_two_ranks_to_the_bytes_of_one_process(tmp_path):
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    _trained_bytes(-1, str(tmp_path / "one"))
+    run_ranks(_trained_bytes, 2, str(tmp_path / "two"))
+    for kind in ("ivfsq", "ivfpq"):
+        assert (tmp_path / "one" / f"{kind}.bin").read_bytes() == (tmp_path / "two" / f"{kind}.bin").read_bytes(), kind

@@ -63,3 +63,33 @@ def test_only_the_train_command_keeps_freed_memory_and_the_summary_says_so(tmp_p
     out = subprocess.run([sys.executable, "-c", _TRAIN_TWICE, str(tmp_path), here], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip().splitlines()[-1] == "[false, true]"
+
+
+# glibc's adaptive threshold: once a 16 MB block is freed, later blocks below 16 MB come from the heap, and one
+# freed below another stays resident. Prints the MB the process gave back when the first of two 8 MB blocks went.
+_RETURN_PROBE = """
+import sys
+import numpy as np
+from dinolab.utils.cpu_tuning import return_freed_memory
+if sys.argv[1] == "return":
+    assert return_freed_memory()
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+x = np.ones(2 * 2**20)  # 16 MB
+del x
+a, b = np.ones(2**20), np.ones(2**20)  # 8 MB each, every page touched
+held = rss_mb()
+del a
+print(held - rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_return_freed_memory_gives_freed_blocks_back_to_the_kernel():
+    def given_back(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", _RETURN_PROBE, mode], capture_output=True, text=True, check=True)
+        return float(out.stdout)
+
+    assert given_back("default") < 1  # the adapted threshold put the block on the heap: it stays resident
+    assert given_back("return") > 7  # its own mmap: unmapped on free
