@@ -24,7 +24,9 @@ of the edges above the threshold (the ratio printed is exact / IVF).
 With ``--ranks 1,2`` it runs the whole pipeline (``run_curation``, every stage distributed) instead, once
 per rank count, each rank a gloo process on CPU as ``torchrun`` would start it, on the same synthetic
 pool (saved as ``.npy``, memory-mapped: a rank's RSS counts the file pages it read), and prints wall time,
-the peak RSS of every rank and the planted duplicate recall; ``--json-out F`` writes
+the peak RSS of every rank (and, per rank and stage, the peak anonymous and file-backed resident MB,
+sampled every 0.2 s) and the planted duplicate recall; each rank returns freed blocks to the kernel as
+``dinolab curate`` does (:func:`dinolab.utils.cpu_tuning.return_freed_memory`); ``--json-out F`` writes
 ``[{"ranks", "peak_rss_mb", "recall", "seconds", "curated_sha"}, ...]``:
 
     python bench/curate.py --ranks 1,2 --rows 200000 --json-out ranks.json
@@ -69,7 +71,7 @@ def peak_rss_gb() -> float:
 
 def _noisy(rng: np.random.Generator, base: np.ndarray, scale: float) -> np.ndarray:
     x = base + scale * rng.standard_normal(base.shape, dtype=np.float32) / np.sqrt(base.shape[1])
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def synthetic_pool(
@@ -161,7 +163,8 @@ class Timer:
 
 class StageMemory:
     """Peak anonymous and file-backed resident memory of this process per pipeline stage (MB), sampled every
-    ``interval`` seconds by a daemon thread; the stage is the one whose :class:`Stage` was made last."""
+    ``interval`` seconds by a daemon thread; the stage is the one whose :class:`Stage` was made last, or
+    ``retrieve`` / ``report`` (the pipeline's retrieval of every seed set, rank 0's report)."""
 
     def __init__(self, interval: float = 0.2) -> None:
         import threading
@@ -177,7 +180,16 @@ class StageMemory:
                 super().__init__(folder, name, *args, **kwargs)
 
         pipeline.Stage = Tracked
+        for name, label in (("_retrieve_all", "retrieve"), ("_report", "report")):  # stages without a Stage of their own
+            setattr(pipeline, name, self._labelled(getattr(pipeline, name), label))
         threading.Thread(target=self._sample, args=(interval,), daemon=True).start()
+
+    def _labelled(self, fn, label: str):
+        def run(*args, **kwargs):
+            self.stage = label
+            return fn(*args, **kwargs)
+
+        return run
 
     def _sample(self, interval: float) -> None:
         while True:

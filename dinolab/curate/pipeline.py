@@ -22,7 +22,8 @@ retrieval searches; only what must be merged goes to rank 0 (the edges for the u
 rows, the retrieval candidates before the caps), which writes manifests, ``curated.jsonl`` and the
 report while the others wait at barriers. Outputs do not depend on the number of ranks. Hierarchical
 k-means is distributed like the pool k-means (:mod:`dinolab.curate.hierarchical`).
-Memory per rank is bounded by the shard / chunk size, its shard of the Faiss index and the k-means
+Memory per rank is bounded by the shard / chunk size, its shard of the Faiss index (whose IVF cells every rank
+trains together on its part of the sample: :func:`dinolab.curate.index.train_index`) and the k-means
 assignment of its own chunks, plus the kept-row list (8 bytes per kept row) on every rank (the
 components are memory-mapped: a rank reads the part of its chunks); rank 0 also reads at most 2^20
 nearest-neighbour similarities (a regular subsample beyond that) for the guard and the report.
@@ -53,7 +54,7 @@ from dinolab.curate.hierarchical import HierarchicalConfig, run_hierarchical
 from dinolab.curate import collective
 from dinolab.curate.index import IndexConfig
 from dinolab.curate.report import ReportConfig, write_report
-from dinolab.curate.retrieve import RetrieveConfig, make_records, retrieve_sharded, union_records, write_jsonl
+from dinolab.curate.retrieve import Retrieved, RetrieveConfig, retrieve_sharded, union, write_jsonl
 from dinolab.curate.sharded import ShardedIndex
 from dinolab.curate.sources import PoolIndexes, Sources, result_key
 from dinolab.curate.stages import Stage
@@ -182,22 +183,21 @@ def run_curation(
         clusters, cluster_hash = pool_kmeans(store, keep, cfg.kmeans, cluster_stage), cluster_stage.hash
         counts["cluster"] = cluster_stage.outputs
 
-    records: list[dict[str, Any]] = []
+    retrieved: list[Retrieved] = []  # on rank 0
     if cfg.hierarchical_sample:
-        records += _hierarchical_records(store, keep, cfg, out, relative_stage.hash, counts)
+        retrieved += _hierarchical_sample(store, keep, cfg, out, relative_stage.hash, counts)
     if seeds:
         retrieve_stage = Stage(out / "retrieve", "retrieve", {
             "kept": relative_stage.hash, "cluster": cluster_hash, "index": result_key(cfg.index),
             "seeds": {n: k for n, (_, k) in seed_folders.items()}, "retrieve": result_key(cfg.retrieve),
         }, cfg.on_change)
-        records += _retrieve_all(store, keep, seed_stores, clusters, cfg, retrieve_stage, indexes)
+        retrieved += _retrieve_all(store, keep, seed_stores, clusters, cfg, retrieve_stage, indexes)
         counts["retrieve"] = retrieve_stage.outputs
     if rank != 0:
         collective.barrier()
         return {}
-    curated = union_records(records)
-    write_jsonl(out / "curated.jsonl", curated)
-    counts["curated"] = len(curated)
+    counts["curated"] = write_jsonl(out / "curated.jsonl", retrieved, union(retrieved), store.paths)
+    del retrieved
 
     _report(out, store, counts, dedup_stage, components, cluster_stage if clusters is not None else None, cfg)
     collective.barrier()
@@ -222,10 +222,10 @@ def _check_dims(store: EmbeddingStore, others: dict[str, EmbeddingStore]) -> Non
             raise ValueError(f"set {name!r} has {other.dim}-d embeddings but the pool has {store.dim}-d")
 
 
-def _hierarchical_records(
+def _hierarchical_sample(
     store: EmbeddingStore, keep: np.ndarray, cfg: CurateConfig, out: Path, kept_hash: str, counts: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """Hierarchical sampling (collective): its records on rank 0, ``[]`` elsewhere."""
+) -> list[Retrieved]:
+    """Hierarchical sampling (collective): its sample on rank 0, ``[]`` elsewhere."""
     stage = Stage(out / "hierarchical", "hierarchical", {
         "kept": kept_hash, "hierarchical": result_key(cfg.hierarchical),
     }, cfg.on_change)
@@ -233,7 +233,7 @@ def _hierarchical_records(
     counts["hierarchical"] = stage.outputs
     if rows is None:
         return []
-    return make_records(rows, sims, store.paths(rows), "hierarchical", "hierarchical")
+    return [Retrieved.of("hierarchical", "hierarchical", rows, sims)]
 
 
 def _retrieve_all(
@@ -244,9 +244,9 @@ def _retrieve_all(
     cfg: CurateConfig,
     stage: Stage,
     indexes: PoolIndexes,
-) -> list[dict[str, Any]]:
+) -> list[Retrieved]:
     """One shard per seed set (rows, similarities), computed by all ranks together, written by rank 0;
-    on finish, ``<name>.jsonl`` per seed set. Returns the records on rank 0, ``[]`` elsewhere."""
+    on finish, ``<name>.jsonl`` per seed set. Returns the retrieved sets on rank 0, ``[]`` elsewhere."""
     names = list(seed_stores)
     rank = collective.dist_env()[0]
     index: list[ShardedIndex] = []
@@ -264,16 +264,14 @@ def _retrieve_all(
     if rank != 0:
         return []
     markers = stage.shard_markers(len(names)) or []
-    records = []
+    retrieved = []
     for i, marker in enumerate(markers):
         shard = stage.load_shard(i)
-        rows = shard["rows"]
-        seed_records = make_records(rows, shard["sims"], store.paths(rows), names[i], marker["method"])
-        write_jsonl(stage.path(f"{names[i]}.jsonl"), seed_records)
-        records += seed_records
+        retrieved.append(Retrieved.of(names[i], marker["method"], shard["rows"], shard["sims"]))
+        write_jsonl(stage.path(f"{names[i]}.jsonl"), retrieved[-1:], paths_of=store.paths)
     if not stage.done:
         stage.finish({m["seed_set"]: {"method": m["method"], "count": m["count"]} for m in markers}, len(names))
-    return records
+    return retrieved
 
 
 def _report(

@@ -5,7 +5,9 @@ import pytest
 
 from dinolab.curate.cluster import ClusterAssignment
 from dinolab.curate.index import IndexConfig, build_index, index_array
-from dinolab.curate.retrieve import RetrieveConfig, cluster_based, sample_based, union_records
+from dinolab.curate.retrieve import (
+    RetrieveConfig, Retrieved, cluster_based, read_jsonl, sample_based, union, write_jsonl,
+)
 from dinolab.curate.store import ArrayEmbeddings
 
 
@@ -118,13 +120,18 @@ def test_auto_method_by_seed_set_size():
         RetrieveConfig(method="nearest")
 
 
-def test_union_keeps_most_similar_record_per_image():
-    recs = [
-        {"row": 3, "similarity": 0.5, "seed_set": "a"},
-        {"row": 1, "similarity": 0.9, "seed_set": "a"},
-        {"row": 3, "similarity": 0.7, "seed_set": "b"},
-    ]
-    assert [(r["row"], r["seed_set"]) for r in union_records(recs)] == [(1, "a"), (3, "b")]
+def test_union_keeps_most_similar_record_per_image_and_writes_one_line_each(tmp_path):
+    a = Retrieved.of("a", "sample", np.array([3, 1, 5]), np.array([0.5, 0.9, 0.25], np.float32))
+    b = Retrieved.of("b", "cluster", np.array([3, 5]), np.array([0.7, 0.25], np.float32))
+    which, position = union([a, b])
+    # row 1: a's; row 3: b's 0.7 beats a's 0.5; row 5: a tie at 0.25 goes to the earlier set
+    assert [([a, b][w].seed_set, int([a, b][w].rows[p])) for w, p in zip(which, position)] == [
+        ("a", 1), ("b", 3), ("a", 5)]
+    assert write_jsonl(tmp_path / "m.jsonl", [a, b], (which, position), lambda rows: [f"img{r}" for r in rows]) == 3
+    assert read_jsonl(tmp_path / "m.jsonl") == [
+        {"path": "img1", "row": 1, "seed_set": "a", "method": "sample", "similarity": 0.9},
+        {"path": "img3", "row": 3, "seed_set": "b", "method": "cluster", "similarity": 0.7},
+        {"path": "img5", "row": 5, "seed_set": "a", "method": "sample", "similarity": 0.25}]
 
 
 def test_ivf_training_is_lloyd_cells_and_the_residual_range_of_the_sample():
