@@ -77,6 +77,8 @@ def adapt_base(weights: str | Path) -> tuple[dict, str]:
     Returns:
         ``({"student": ..., "crops": ..., "adapt": {"weights": ...}}, preset name)``.
     """
+    from omegaconf import OmegaConf
+
     from dinolab.models.resolve import run_input_size
 
     model, run = read_source(weights)
@@ -84,8 +86,16 @@ def adapt_base(weights: str | Path) -> tuple[dict, str]:
     if kw.get("ffn_layer", "mlp") == "mlp" and kw.get("mlp_ratio", 4.0) != 4.0:
         raise ValueError(f"--adapt {weights}: an MLP ratio of {kw['mlp_ratio']} (the training schema builds 4)")
     dim, patch = kw["embed_dim"], kw["patch_size"]
+    source_cfg = None
+    if run is not None:
+        from dinolab.configs.schema import load_yaml
+
+        source_cfg = load_yaml(run / "config.yaml")
+    # the name only labels the run (every size is given): the source run's, else the official one of this width
+    arch = (OmegaConf.select(source_cfg, "student.arch") if source_cfg is not None else None) \
+        or ARCH_BY_WIDTH.get(dim, "vit_small")
     student = {
-        "arch": ARCH_BY_WIDTH.get(dim, "vit_small"), "embed_dim": dim, "depth": kw["depth"],
+        "arch": arch, "embed_dim": dim, "depth": kw["depth"],
         "num_heads": kw["num_heads"], "patch_size": patch, "ffn_layer": kw.get("ffn_layer", "mlp"),
         "num_register_tokens": kw.get("num_register_tokens", 0), "img_size": kw["img_size"],
         "pretrained_weights": str(source_files(weights)[0]),
@@ -95,12 +105,8 @@ def adapt_base(weights: str | Path) -> tuple[dict, str]:
     grid = kw["img_size"] // patch
     global_size = (run_input_size(run) if run is not None else None) or patch * min(grid, GRID_PATCHES)
     local_size = patch * max(1, round(global_size / patch * LOCAL_PATCHES / GRID_PATCHES))
-    if run is not None:
-        from omegaconf import OmegaConf
-
-        from dinolab.configs.schema import load_yaml
-
-        local_size = OmegaConf.select(load_yaml(run / "config.yaml"), "crops.local_crops_size") or local_size
+    if source_cfg is not None:
+        local_size = OmegaConf.select(source_cfg, "crops.local_crops_size") or local_size
     crops = {"global_crops_size": int(global_size), "local_crops_size": int(local_size)}
     preset = PRESET_BY_WIDTH.get(dim, SMALL_PRESET) if patch >= 14 else SMALL_PRESET
     return {"student": student, "crops": crops, "adapt": {"weights": str(weights)}}, preset

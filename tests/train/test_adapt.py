@@ -1,10 +1,12 @@
 """``dinolab train --adapt WEIGHTS``: the student of each weights format, the head warm-up, the feature anchor."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from dinolab.cli import build_parser, main
 from dinolab.data.datasets import open_dataset
@@ -87,6 +89,7 @@ def test_student_and_teacher_are_built_from_and_start_at_each_weights_format(kin
         assert all(torch.equal(own[k], sd[k]) for k in sd)  # no resampling: the weights' own grid
     if kind == "run":  # the source run's architecture and crops (the tiny run: width 32, 16 / 8 px)
         assert (cfg.student.embed_dim, cfg.student.depth, cfg.student.patch_size) == (32, 2, 4)
+        assert cfg.student.arch == OmegaConf.load(Path(weights) / "config.yaml").student.arch  # its name too
         assert (cfg.crops.global_crops_size, cfg.crops.local_crops_size) == (16, 8)
     else:
         s = cfg.student
