@@ -62,11 +62,24 @@ def peak_rss_gb() -> float:
     Not ``getrusage``'s ``ru_maxrss`` there: it survives ``execve``, so a spawned rank would report at least
     the RSS of the parent it was forked from (the bench process holding the synthetic pool).
     """
+    hwm = status_mb("VmHWM").get("VmHWM")
+    if hwm is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+    return hwm / 1024
+
+
+def status_mb(*keys: str) -> dict[str, float]:
+    """The given memory fields of /proc/self/status in MB (``{}`` where there is no such file)."""
+    found = {}
     try:
         with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024**2  # kB
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in keys:
+                    found[key] = int(value.split()[0]) / 1024  # kB
+    except OSError:
+        pass
+    return found
 
 
 def _noisy(rng: np.random.Generator, base: np.ndarray, scale: float) -> np.ndarray:
@@ -193,12 +206,7 @@ class StageMemory:
 
     def _sample(self, interval: float) -> None:
         while True:
-            fields = {}
-            with open("/proc/self/status") as f:
-                for line in f:
-                    key, _, value = line.partition(":")
-                    if key in ("RssAnon", "RssFile"):
-                        fields[key] = int(value.split()[0]) / 1024
+            fields = status_mb("RssAnon", "RssFile")
             anon, file = self.peaks.get(self.stage, (0.0, 0.0))
             self.peaks[self.stage] = (max(anon, fields.get("RssAnon", 0.0)), max(file, fields.get("RssFile", 0.0)))
             time.sleep(interval)

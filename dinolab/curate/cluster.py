@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dinolab.curate import collective
-from dinolab.curate.kmeans import assign, lloyd
+from dinolab.curate.kmeans import assign, lloyd, sample_rows
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import EmbeddingStore
 from dinolab.utils.io import atomic_path
@@ -70,14 +70,6 @@ class ClusterAssignment:
             return np.full(len(rows), -1, np.int64)
         at = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)
         return np.where(self.rows[at] == rows, self.cluster[at], -1)
-
-
-def sample_rows(rows: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """A sorted random subset of ``rows`` of at most ``size`` elements."""
-    if size >= len(rows):
-        return np.asarray(rows, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(rows, size=size, replace=False)).astype(np.int64)
 
 
 def assign_chunk(store: EmbeddingStore, index: int, rows: np.ndarray, centroids: np.ndarray) -> dict[str, np.ndarray]:

@@ -106,22 +106,22 @@ def to_root(x: np.ndarray | None, owner: int, shape: tuple[int, ...], dtype: typ
     return None
 
 
-def all_reduce_sum(x: np.ndarray) -> np.ndarray:
-    """Element-wise sum over ranks of an int64 or float array (exact for integers)."""
+def _all_reduce(x: np.ndarray, op: Any) -> np.ndarray:
     if not is_initialized():
         return x
     t = torch.from_numpy(np.ascontiguousarray(x)).to(_device())
-    torch.distributed.all_reduce(t)
+    torch.distributed.all_reduce(t, op=op)
     return t.cpu().numpy()
+
+
+def all_reduce_sum(x: np.ndarray) -> np.ndarray:
+    """Element-wise sum over ranks of an int64 or float array (exact for integers)."""
+    return _all_reduce(x, torch.distributed.ReduceOp.SUM)
 
 
 def all_reduce_max(x: np.ndarray) -> np.ndarray:
     """Element-wise maximum over ranks (exact for any dtype)."""
-    if not is_initialized():
-        return x
-    t = torch.from_numpy(np.ascontiguousarray(x)).to(_device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.cpu().numpy()
+    return _all_reduce(x, torch.distributed.ReduceOp.MAX)
 
 
 def fixed_point(x: np.ndarray) -> np.ndarray:

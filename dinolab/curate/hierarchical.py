@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dinolab.curate import collective
-from dinolab.curate.cluster import sample_rows
-from dinolab.curate.kmeans import assign, kmeans_plus_plus, lloyd
+from dinolab.curate.kmeans import assign, kmeans_plus_plus, lloyd, sample_rows
 from dinolab.curate.selection import select_per_cluster, sort_key
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import ArrayEmbeddings, EmbeddingStore

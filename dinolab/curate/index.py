@@ -28,6 +28,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from dinolab.curate import collective, kmeans
 from dinolab.curate.store import EmbeddingStore
 
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfsq", "ivfpq")
@@ -170,13 +171,6 @@ class PoolIndex:
         return np.concatenate([d for d, _ in found]), np.concatenate([i for _, i in found])
 
 
-def _sample_rows(rows: np.ndarray, size: int, seed: int) -> np.ndarray:
-    if size >= len(rows):
-        return rows
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(rows, size=size, replace=False))
-
-
 # Lloyd iterations of the IVF cells (faiss's own IVF training default, ``IndexIVF.cp.niter``, in faiss 1.15)
 IVF_TRAIN_ITER = 10
 # Rows a PQ encoder trains on (faiss's ``train_encoder_num_vectors`` for 8-bit PQ: 256 points per centroid)
@@ -185,8 +179,11 @@ PQ_TRAIN_ROWS = 65536
 _MINMAX_SQ = ("8bit", "6bit", "4bit")
 
 
-def train_index(store: EmbeddingStore, cfg: IndexConfig, rows: np.ndarray) -> faiss.Index:
+def train_index(
+    store: EmbeddingStore, cfg: IndexConfig, rows: np.ndarray, trained: faiss.Index | None = None
+) -> faiss.Index:
     """An empty trained index for the sorted pool ``rows``, the same on every rank; collective under torchrun.
+    With ``trained`` (an empty trained index of an earlier build over the same pool): a copy of it.
 
     The IVF cells are spherical k-means centroids of a sample of ``train_size`` rows (default ``64 * nlist``),
     computed by :func:`dinolab.curate.kmeans.lloyd`: each rank assigns the sample rows of its own chunks and
@@ -196,17 +193,17 @@ def train_index(store: EmbeddingStore, cfg: IndexConfig, rows: np.ndarray) -> fa
     faiss's ``RS_minmax`` computes it on one machine); PQ codebooks are trained by faiss on rank 0 over at most
     :data:`PQ_TRAIN_ROWS` sample rows and sent to every rank.
     """
-    from dinolab.curate import kmeans
-
+    if trained is not None:
+        return faiss.clone_index(trained)
     index = make_index(store.dim, len(rows), cfg)
     if index.is_trained:  # flat
         return index
     nlist = cfg.resolved_nlist(len(rows))
-    sample = _sample_rows(rows, cfg.train_size or 64 * nlist, cfg.seed)
+    sample = kmeans.sample_rows(rows, cfg.train_size or 64 * nlist, cfg.seed)
     centroids = kmeans.lloyd(store, sample, nlist, IVF_TRAIN_ITER, cfg.seed)
     index.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
     if isinstance(index, faiss.IndexIVFPQ):
-        return _train_pq_on_root(store, index, _sample_rows(sample, PQ_TRAIN_ROWS, cfg.seed))
+        return _train_pq_on_root(store, index, kmeans.sample_rows(sample, PQ_TRAIN_ROWS, cfg.seed))
     if isinstance(index, faiss.IndexIVFScalarQuantizer) and cfg.sq_type in _MINMAX_SQ:
         low, high = _residual_range(store, sample, centroids)
         faiss.copy_array_to_vector(np.concatenate([low, high - low]).astype(np.float32), index.sq.trained)
@@ -216,8 +213,6 @@ def train_index(store: EmbeddingStore, cfg: IndexConfig, rows: np.ndarray) -> fa
 
 def _residual_range(store: EmbeddingStore, sample: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension min and max [D] over the sample rows of ``x - centroid(x)`` (all-reduced: exact)."""
-    from dinolab.curate import collective, kmeans
-
     low = np.full(store.dim, np.inf, np.float32)
     high = np.full(store.dim, -np.inf, np.float32)
     for _, _, emb in kmeans.sample_by_chunk(store, sample):
@@ -230,8 +225,6 @@ def _residual_range(store: EmbeddingStore, sample: np.ndarray, centroids: np.nda
 def _train_pq_on_root(store: EmbeddingStore, index: faiss.Index, sample: np.ndarray) -> faiss.Index:
     """Rank 0 trains the PQ codebooks of ``index`` (its cells already set) on the ``sample`` rows; every rank
     receives the trained index."""
-    from dinolab.curate import collective
-
     rows = _gather_to_root(store, sample)
     if rows is not None:
         index.train(rows)  # the quantizer holds nlist centroids: faiss trains the codebooks only
@@ -245,8 +238,6 @@ def _gather_to_root(store: EmbeddingStore, rows: np.ndarray) -> np.ndarray | Non
     Each rank reads only its own chunks and sends their selected rows to rank 0 chunk by chunk, so no
     rank touches the whole pool and rank 0 holds the result plus one chunk's part.
     """
-    from dinolab.curate import collective
-
     rank, world = collective.dist_env()
     offsets = store.chunk_offsets()
     out = np.empty((len(rows), store.dim), np.float32) if rank == 0 else None
@@ -281,7 +272,7 @@ def build_index(
         one chunk and, while training, ``train_size x D`` floats (:func:`train_index`).
     """
     rows = np.arange(store.num_rows, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
-    index = faiss.clone_index(trained) if trained is not None else train_index(store, cfg, rows)
+    index = train_index(store, cfg, rows, trained)
     empty_trained = faiss.clone_index(index)
     index = _maybe_to_gpu(index, cfg)
     for start, emb in tqdm(store.iter_chunks(), total=store.num_chunks(), desc="index", unit="chunk"):

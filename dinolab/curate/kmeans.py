@@ -22,6 +22,14 @@ from dinolab.curate.store import EmbeddingStore, l2_normalize
 FIXED_POINT_BLOCK = 4096
 
 
+def sample_rows(rows: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A sorted random subset of ``rows`` of at most ``size`` elements (int64)."""
+    if size >= len(rows):
+        return np.asarray(rows, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(rows, size=size, replace=False)).astype(np.int64)
+
+
 def assign(centroids: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Most similar centroid of each vector.
 

@@ -194,6 +194,13 @@ class Retrieved:
         return cls(seed_set, method, np.asarray(rows, dtype=np.int64).ravel(), rounded)
 
 
+def _every_entry(sets: list[Retrieved]) -> tuple[np.ndarray, np.ndarray]:
+    """(set, position) of every row of every set, in order."""
+    which = [np.full(len(s.rows), i, np.int64) for i, s in enumerate(sets)]
+    position = [np.arange(len(s.rows), dtype=np.int64) for s in sets]
+    return np.concatenate(which or [np.zeros(0, np.int64)]), np.concatenate(position or [np.zeros(0, np.int64)])
+
+
 def union(sets: list[Retrieved]) -> tuple[np.ndarray, np.ndarray]:
     """One entry per pool row over all ``sets``: the most similar (ties: the earliest set, then the earliest
     position in it); sorted by row.
@@ -201,12 +208,11 @@ def union(sets: list[Retrieved]) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         (set [U], position [U]): which of ``sets`` and which position in it each kept entry is.
     """
+    which, position = _every_entry(sets)
     if not sets:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return which, position
     rows = np.concatenate([s.rows for s in sets])
     sims = np.concatenate([s.sims for s in sets])
-    which = np.concatenate([np.full(len(s.rows), i, np.int64) for i, s in enumerate(sets)])
-    position = np.concatenate([np.arange(len(s.rows), dtype=np.int64) for s in sets])
     order = np.lexsort((np.arange(len(rows)), -sims, rows))  # by row, most similar first, earliest first
     first = order[np.r_[True, rows[order][1:] != rows[order][:-1]]] if len(order) else order
     return which[first], position[first]
@@ -233,20 +239,16 @@ def write_jsonl(
     Returns:
         lines written.
     """
-    if entries is None:
-        entries = (np.concatenate([np.full(len(s.rows), i, np.int64) for i, s in enumerate(sets)] or [np.zeros(0, np.int64)]),
-                   np.concatenate([np.arange(len(s.rows), dtype=np.int64) for s in sets] or [np.zeros(0, np.int64)]))
-    which, position = entries
+    which, position = entries if entries is not None else _every_entry(sets)
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         for start in range(0, len(which), WRITE_BLOCK):
-            block = slice(start, start + WRITE_BLOCK)
-            rows = np.array([sets[w].rows[p] for w, p in zip(which[block], position[block], strict=True)], np.int64)
-            paths = paths_of(rows) if paths_of is not None else None
-            for j, (w, p) in enumerate(zip(which[block], position[block], strict=True)):
-                found = sets[w]
-                f.write(json.dumps({"path": None if paths is None else paths[j], "row": int(found.rows[p]),
-                                    "seed_set": found.seed_set, "method": found.method,
-                                    "similarity": float(found.sims[p])}) + "\n")
+            block = list(zip(which[start : start + WRITE_BLOCK], position[start : start + WRITE_BLOCK], strict=True))
+            rows = [int(sets[w].rows[p]) for w, p in block]
+            paths = paths_of(np.array(rows, np.int64)) if paths_of is not None else None
+            for j, ((w, p), row) in enumerate(zip(block, rows, strict=True)):
+                f.write(json.dumps({"path": None if paths is None else paths[j], "row": row,
+                                    "seed_set": sets[w].seed_set, "method": sets[w].method,
+                                    "similarity": float(sets[w].sims[p])}) + "\n")
     return int(len(which))
 
 

@@ -24,12 +24,6 @@ from dinolab.curate.index import IndexConfig, PoolIndex, _maybe_to_gpu, train_in
 from dinolab.curate.store import EmbeddingStore
 
 
-def train_once(store: EmbeddingStore, cfg: IndexConfig, rows: np.ndarray, trained: faiss.Index | None = None) -> faiss.Index:
-    """An empty trained index for ``rows``: a copy of ``trained``, else :func:`~dinolab.curate.index.train_index`
-    (collective: every rank trains on the sample rows of its own chunks)."""
-    return faiss.clone_index(trained) if trained is not None else train_index(store, cfg, rows)
-
-
 class ShardedIndex:
     """This rank's shard of an index over ``rows`` of the pool (see the module docstring).
 
@@ -45,7 +39,7 @@ class ShardedIndex:
         trained: faiss.Index | None = None,
     ) -> None:
         all_rows = np.arange(store.num_rows, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
-        self.trained = train_once(store, cfg, all_rows, trained)
+        self.trained = train_index(store, cfg, all_rows, trained)
         index = _maybe_to_gpu(faiss.clone_index(self.trained), cfg)
         mine = []
         for chunk in collective.my_chunks(store.num_chunks()):

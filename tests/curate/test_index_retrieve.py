@@ -137,15 +137,15 @@ def test_union_keeps_most_similar_record_per_image_and_writes_one_line_each(tmp_
 def test_ivf_training_is_lloyd_cells_and_the_residual_range_of_the_sample():
     import faiss
 
-    from dinolab.curate.index import _sample_rows, train_index
-    from dinolab.curate.kmeans import lloyd
+    from dinolab.curate.index import train_index
+    from dinolab.curate.kmeans import lloyd, sample_rows
     from dinolab.curate.store import l2_normalize
 
     x = l2_normalize(np.random.default_rng(5).standard_normal((3000, 24)).astype(np.float32))
     store = ArrayEmbeddings(x, chunk_rows=400)
     cfg = IndexConfig(kind="ivfsq", nlist=12, use_gpu=False)
     index = train_index(store, cfg, np.arange(3000))
-    sample = _sample_rows(np.arange(3000), 64 * 12, cfg.seed)
+    sample = sample_rows(np.arange(3000), 64 * 12, cfg.seed)
     cells = index.quantizer.reconstruct_n(0, 12)
     assert np.array_equal(cells, lloyd(store, sample, 12, 10, cfg.seed))
     # 8-bit non-uniform range: per dimension [min, max - min] of x - (its most similar cell) over the sample
