@@ -97,10 +97,16 @@ def knn_edges(index: PoolIndex, first_row: int, queries: np.ndarray, k: int, thr
 
     Returns:
         ``nn_sim [n]`` float32 similarity to the nearest other row (-inf if none),
-        ``src [E]``, ``dst [E]`` int64 rows and ``sim [E]`` float32 of the kept edges.
+        ``src [E]``, ``dst [E]`` int64 rows and ``sim [E]`` float32 of the kept edges. The edges are taken
+        from each block of ``search_batch`` rows as it is answered, so only one block's ``[block, k + 1]``
+        neighbours are held at a time.
     """
-    sims, nbrs = index.search(queries, k + 1)
-    return edges_from_neighbours(first_row, sims, nbrs, k, threshold)
+    parts = [edges_from_neighbours(first_row + start, sims, nbrs, k, threshold)
+             for start, sims, nbrs in index.search_blocks(queries, k + 1)]
+    if not parts:
+        return edges_from_neighbours(first_row, np.zeros((0, k + 1), np.float32), np.zeros((0, k + 1), np.int64),
+                                     k, threshold)
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def edges_from_neighbours(

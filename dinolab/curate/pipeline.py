@@ -59,6 +59,7 @@ from dinolab.curate.sharded import ShardedIndex
 from dinolab.curate.sources import PoolIndexes, Sources, result_key
 from dinolab.curate.stages import Stage
 from dinolab.curate.store import EmbeddingStore
+from dinolab.utils.cpu_tuning import release_free_heap
 from dinolab.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,7 @@ def run_curation(
     }, cfg.on_change)
     indexes = PoolIndexes(store, cfg.index)
     components = self_dedup(store, cfg.dedup, dedup_stage, cfg.index, indexes.full)
+    release_free_heap()  # the stage's index and sample, freed, go back to the kernel
     counts["self_dedup"] = dedup_stage.outputs
     _guard(counts, cfg, lambda: outcome_problem(
         "self-dedup", "dedup.threshold", store.num_rows, dedup_stage.outputs["num_kept"],
@@ -168,6 +170,7 @@ def run_curation(
         "relative_threshold": cfg.dedup.relative_threshold,
     }, cfg.on_change)
     keep = relative_dedup(store, eval_emb, components, cfg.dedup, relative_stage)
+    release_free_heap()
     counts["relative_dedup"] = relative_stage.outputs
     if eval_stores:
         _guard(counts, cfg, lambda: outcome_problem(
@@ -181,6 +184,7 @@ def run_curation(
             "kept": relative_stage.hash, "kmeans": result_key(cfg.kmeans),
         }, cfg.on_change)
         clusters, cluster_hash = pool_kmeans(store, keep, cfg.kmeans, cluster_stage), cluster_stage.hash
+        release_free_heap()
         counts["cluster"] = cluster_stage.outputs
 
     retrieved: list[Retrieved] = []  # on rank 0
@@ -192,6 +196,7 @@ def run_curation(
             "seeds": {n: k for n, (_, k) in seed_folders.items()}, "retrieve": result_key(cfg.retrieve),
         }, cfg.on_change)
         retrieved += _retrieve_all(store, keep, seed_stores, clusters, cfg, retrieve_stage, indexes)
+        release_free_heap()
         counts["retrieve"] = retrieve_stage.outputs
     if rank != 0:
         collective.barrier()

@@ -16,11 +16,13 @@ and their ``[block, k]`` results; while training, its part of the training rows.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import faiss
 import numpy as np
 
 from dinolab.curate import collective
-from dinolab.curate.index import IndexConfig, PoolIndex, _maybe_to_gpu, train_index
+from dinolab.curate.index import IndexConfig, PoolIndex, _maybe_to_gpu, fill_index, train_index
 from dinolab.curate.store import EmbeddingStore
 
 
@@ -41,34 +43,37 @@ class ShardedIndex:
         all_rows = np.arange(store.num_rows, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
         self.trained = train_index(store, cfg, all_rows, trained)
         index = _maybe_to_gpu(faiss.clone_index(self.trained), cfg)
-        mine = []
-        for chunk in collective.my_chunks(store.num_chunks()):
-            start, emb = store.chunk(chunk)
-            lo, hi = np.searchsorted(all_rows, [start, start + len(emb)])
-            if hi > lo:
-                index.add(np.ascontiguousarray(emb[all_rows[lo:hi] - start]))
-                mine.append(all_rows[lo:hi])
-        rows_here = np.concatenate(mine) if mine else np.zeros(0, np.int64)
+        rows_here = fill_index(index, store, all_rows, collective.my_chunks(store.num_chunks()))
         self.local = PoolIndex(index, rows_here, cfg.search_batch)
         self.dim = store.dim
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Collective k-NN search of this rank's ``queries`` [Q, D] over every shard -> sims, rows [Q, k].
+        """Collective k-NN search of this rank's ``queries`` [Q, D] over every shard -> sims, rows [Q, k]
+        (:meth:`search_blocks`, concatenated)."""
+        found_sims, found_rows = [np.zeros((0, k), np.float32)], [np.zeros((0, k), np.int64)]
+        for _, sims, rows in self.search_blocks(queries, k):
+            found_sims.append(sims)
+            found_rows.append(rows)
+        return np.concatenate(found_sims), np.concatenate(found_rows)
 
-        In blocks of ``search_batch`` queries per rank: each round gathers every rank's block (a tensor
-        all-gather) with, for an IVF index, the cells each query probes (found once, by its own rank's
-        coarse quantizer, not again by every shard), answers all of them from this shard, and sends each
-        rank the answers to its block (one gather per rank), so memory is W blocks of queries and answers,
-        whatever Q.
+    def search_blocks(self, queries: np.ndarray, k: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Collective k-NN search of this rank's ``queries`` [Q, D] over every shard, one block of
+        ``search_batch`` queries at a time: yields (first query of the block, sims [B, k], rows [B, k]). Every
+        rank must run the generator to its end (a rank with fewer blocks still takes part in every round).
+
+        Each round gathers every rank's block (a tensor all-gather) with, for an IVF index, the cells each
+        query probes (found once, by its own rank's coarse quantizer, not again by every shard), answers all
+        of them from this shard, and sends each rank the answers to its block (one gather per rank), so
+        memory is W blocks of queries and answers, whatever Q.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         if collective.world_size() == 1:
-            sims, rows = self.local.search(queries, k)
-            return collective.merge_topk([sims], [rows], k)
+            for start, sims, rows in self.local.search_blocks(queries, k):
+                yield (start, *collective.merge_topk([sims], [rows], k))
+            return
         batch = self.local.search_batch
         counts = collective.all_gather(len(queries))
         rank = collective.dist_env()[0]
-        found_sims, found_rows = [np.zeros((0, k), np.float32)], [np.zeros((0, k), np.int64)]
         for start in range(0, max(counts), batch):
             sizes = [min(batch, max(0, n - start)) for n in counts]
             block = queries[start : start + batch]
@@ -80,11 +85,12 @@ class ShardedIndex:
             else:
                 cells = zip(*(collective.all_gather_rows(p, sizes) for p in probes), strict=True)
                 answers = [self.local.search(q, k, probes=c) for q, c in zip(asked, cells, strict=True)]
+            merged = None
             for dst, size in enumerate(sizes):
                 sims = collective.gather_rows(answers[dst][0], dst, size)
                 rows = collective.gather_rows(answers[dst][1], dst, size)
                 if dst == rank and size:
                     merged = collective.merge_topk(sims, rows, k)
-                    found_sims.append(merged[0])
-                    found_rows.append(merged[1])
-        return np.concatenate(found_sims), np.concatenate(found_rows)
+            del answers, asked
+            if merged is not None:
+                yield (start, *merged)

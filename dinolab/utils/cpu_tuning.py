@@ -75,6 +75,21 @@ def return_freed_memory() -> bool:
     return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, RETURN_FREED_ABOVE))
 
 
+def release_free_heap() -> bool:
+    """Give the free pages inside glibc's heap back to the kernel now (``malloc_trim(0)``), e.g. after a large
+    structure made of many small blocks is freed: a faiss index's inverted lists (~100 kB each at 1M rows and
+    4,096 cells) stay resident after the index is deleted, because they sit below other live blocks of the heap
+    (measured, 400,000 rows: 146 MB of IVF-SQ8 codes freed, 9 MB less resident; 153 MB less after this).
+    Changes no setting (unlike :func:`return_freed_memory`): library code may call it between stages.
+    Returns whether memory was released (``False`` where the C library is not glibc)."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))
+
+
 @functools.cache
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse (once per process). Returns whether it took effect."""

@@ -161,3 +161,49 @@ def test_ivf_training_is_lloyd_cells_and_the_residual_range_of_the_sample():
     ref.nprobe = index.nprobe
     index.add(x), ref.add(x)
     assert np.mean(index.search(x[:200], 5)[1] == ref.search(x[:200], 5)[1]) > 0.95
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfsq", "ivfpq"])
+def test_fill_index_holds_the_bytes_of_adding_chunk_by_chunk(kind):
+    # fill_index allocates each inverted list (or a flat index's codes) at its final size first; the index must
+    # be the one faiss builds by adding the selected rows of every chunk in order
+    import faiss
+
+    from dinolab.curate.index import fill_index, train_index
+
+    rng = np.random.default_rng(7)
+    pool = _unit(rng, 3000, 32)
+    store = ArrayEmbeddings(pool, chunk_rows=400)
+    rows = np.sort(rng.choice(3000, 2100, replace=False))
+    cfg = IndexConfig(kind=kind, nlist=20, nprobe=4, pq_m=8, pq_nbits=4, use_gpu=False)
+    trained = train_index(store, cfg, rows)
+    reference = faiss.clone_index(trained)
+    for chunk in range(store.num_chunks()):
+        start, emb = store.chunk(chunk)
+        mine = rows[(rows >= start) & (rows < start + len(emb))]
+        if len(mine):
+            reference.add(np.ascontiguousarray(emb[mine - start]))
+    filled = faiss.clone_index(trained)
+    added = fill_index(filled, store, rows, range(store.num_chunks()))
+    np.testing.assert_array_equal(added, rows)
+    assert filled.ntotal == len(rows)
+    assert faiss.serialize_index(filled).tobytes() == faiss.serialize_index(reference).tobytes()
+
+
+def test_knn_edges_block_by_block_equal_edges_of_one_search():
+    # knn_edges reduces each block of search_batch rows as it is answered; the edges are those of one search
+    from dinolab.curate.dedup import edges_from_neighbours, knn_edges
+
+    rng = np.random.default_rng(8)
+    base = _unit(rng, 400, 16)
+    pool = np.concatenate([base, base[:150] + 0.01 * rng.standard_normal((150, 16)).astype(np.float32)])
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+    index = index_array(pool, IndexConfig(kind="flat", search_batch=64))
+    queries = pool[100:400]
+    sims, nbrs = index_array(pool, IndexConfig(kind="flat", search_batch=4096)).search(queries, 6)
+    whole = edges_from_neighbours(100, sims, nbrs, 5, 0.9)
+    blocks = knn_edges(index, 100, queries, 5, 0.9)
+    # the one duplicate of each of rows 100..149 is row 500..549 (base row i has its copy at 400 + i)
+    assert set(zip(whole["src"].tolist(), whole["dst"].tolist())) == {(i, 400 + i) for i in range(100, 150)}
+    for name in ("nn_sim", "src", "dst", "sim"):
+        np.testing.assert_array_equal(blocks[name], whole[name])
