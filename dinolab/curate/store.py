@@ -25,10 +25,19 @@ EMBED_MANIFEST = "manifest.json"
 PRECOMPUTED_SUFFIXES = (".npy", ".npz", ".safetensors")
 
 
+# Rows whose norms are computed at once by l2_normalize (bounds its [rows, D] temporary of squares)
+NORM_BLOCK_ROWS = 4096
+
+
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows of ``x`` [N, D] scaled to unit L2 norm, as float32 (zero rows stay zero)."""
+    """Rows of ``x`` [N, D] scaled to unit L2 norm, as float32 (zero rows stay zero).
+
+    The norms are taken ``NORM_BLOCK_ROWS`` rows at a time (``np.linalg.norm`` squares its whole input first:
+    one more copy of a chunk); each row's norm is the same either way (a reduction along the row)."""
     x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    norms = np.empty((len(x), 1), np.float32)
+    for start in range(0, len(x), NORM_BLOCK_ROWS):
+        norms[start : start + NORM_BLOCK_ROWS] = np.linalg.norm(x[start : start + NORM_BLOCK_ROWS], axis=1, keepdims=True)
     return x / np.maximum(norms, eps)
 
 
