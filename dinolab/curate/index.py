@@ -16,7 +16,8 @@ Kinds (``IndexConfig.kind``):
 * ``auto`` -- ``flat`` below ``auto_flat_below`` vectors, ``ivf`` above.
 
 Faiss holds the whole index in memory; it is the one structure whose size grows with the pool
-(see the sizes above). Vectors are streamed into it chunk by chunk. ``use_gpu`` moves the index to
+(see the sizes above). Vectors are streamed into it chunk by chunk, into storage allocated at its final size
+(:func:`fill_index`). ``use_gpu`` moves the index to
 all visible GPUs when the faiss build has GPU support (guarded; faiss-cpu ignores it).
 """
 
@@ -181,6 +182,8 @@ class PoolIndex:
         return np.concatenate([d for d, _ in found]), np.concatenate([i for _, i in found])
 
 
+# Rows selected, assigned and added at once by fill_index (faiss's flat search block, distance_compute_blas_query_bs)
+FILL_BLOCK = 4096
 # Lloyd iterations of the IVF cells (faiss's own IVF training default, ``IndexIVF.cp.niter``, in faiss 1.15)
 IVF_TRAIN_ITER = 10
 # Rows a PQ encoder trains on (faiss's ``train_encoder_num_vectors`` for 8-bit PQ: 256 points per centroid)
@@ -306,9 +309,11 @@ def fill_index(index: faiss.Index, store: EmbeddingStore, rows: np.ndarray, chun
     bounds = [np.searchsorted(rows, offsets[c : c + 2]) for c in chunks]
     added = np.concatenate([rows[lo:hi] for lo, hi in bounds] or [np.zeros(0, np.int64)]).astype(np.int64)
 
-    def selected(chunk: int, lo: int, hi: int) -> np.ndarray:
+    def blocks(chunk: int, lo: int, hi: int) -> Iterator[np.ndarray]:
+        """The selected rows of one chunk, FILL_BLOCK at a time (one copy of a block, not of the chunk)."""
         start, emb = store.chunk(chunk)
-        return np.ascontiguousarray(emb[rows[lo:hi] - start])
+        for first in range(lo, hi, FILL_BLOCK):
+            yield np.ascontiguousarray(emb[rows[first : min(first + FILL_BLOCK, hi)] - start])
 
     ivf = faiss.try_extract_index_ivf(index) if isinstance(index, faiss.IndexIVF) else None
     lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
@@ -317,22 +322,22 @@ def fill_index(index: faiss.Index, store: EmbeddingStore, rows: np.ndarray, chun
             index.codes.resize((index.ntotal + len(added)) * index.code_size)  # capacity for all, then
             index.codes.resize(index.ntotal * index.code_size)  # back to the current size: no reallocation
         for chunk, (lo, hi) in tqdm(zip(chunks, bounds), total=len(chunks), desc="index", unit="chunk", disable=quiet):
-            if hi > lo:
-                index.add(selected(chunk, lo, hi))
+            for vectors in blocks(chunk, lo, hi):
+                index.add(vectors)
         return added
-    cells = [ivf.quantizer.assign(selected(c, lo, hi), 1).ravel().astype(np.int64) if hi > lo else None
-             for c, (lo, hi) in zip(chunks, bounds)]
-    counts = np.bincount(np.concatenate([c for c in cells if c is not None] or [np.zeros(0, np.int64)]),
-                         minlength=ivf.nlist)
+    # the cells as faiss's own add finds them (its flat quantizer searches FILL_BLOCK queries per BLAS call)
+    cells = [np.concatenate([ivf.quantizer.assign(v, 1).ravel() for v in blocks(c, lo, hi)] or [np.zeros(0, np.int64)])
+             .astype(np.int64) for c, (lo, hi) in zip(chunks, bounds)]
+    counts = np.bincount(np.concatenate(cells or [np.zeros(0, np.int64)]), minlength=ivf.nlist)
     for cell in np.nonzero(counts)[0]:
         size = lists.list_size(int(cell))
         lists.resize(int(cell), size + int(counts[cell]))  # allocates exactly (std::vector grows to the size asked)
         lists.resize(int(cell), size)  # keeps the capacity
     for chunk, (lo, hi), cell in tqdm(zip(chunks, bounds, cells), total=len(chunks), desc="index", unit="chunk",
                                       disable=quiet):
-        if hi > lo:
-            vectors = selected(chunk, lo, hi)
-            ivf.add_core(len(vectors), faiss.swig_ptr(vectors), None, faiss.swig_ptr(cell))
+        for first, vectors in zip(range(0, hi - lo, FILL_BLOCK), blocks(chunk, lo, hi)):
+            part = np.ascontiguousarray(cell[first : first + len(vectors)])
+            ivf.add_core(len(vectors), faiss.swig_ptr(vectors), None, faiss.swig_ptr(part))
     return added
 
 

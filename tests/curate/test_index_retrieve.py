@@ -164,7 +164,7 @@ def test_ivf_training_is_lloyd_cells_and_the_residual_range_of_the_sample():
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "ivfsq", "ivfpq"])
-def test_fill_index_holds_the_bytes_of_adding_chunk_by_chunk(kind):
+def test_fill_index_holds_the_bytes_of_adding_chunk_by_chunk(kind, monkeypatch):
     # fill_index allocates each inverted list (or a flat index's codes) at its final size first; the index must
     # be the one faiss builds by adding the selected rows of every chunk in order
     import faiss
@@ -184,6 +184,7 @@ def test_fill_index_holds_the_bytes_of_adding_chunk_by_chunk(kind):
         if len(mine):
             reference.add(np.ascontiguousarray(emb[mine - start]))
     filled = faiss.clone_index(trained)
+    monkeypatch.setattr("dinolab.curate.index.FILL_BLOCK", 64)  # several blocks per chunk, the last one partial
     added = fill_index(filled, store, rows, range(store.num_chunks()))
     np.testing.assert_array_equal(added, rows)
     assert filled.ntotal == len(rows)
