@@ -74,7 +74,7 @@ class ClusterAssignment:
 
 def assign_chunk(store: EmbeddingStore, index: int, rows: np.ndarray, centroids: np.ndarray) -> dict[str, np.ndarray]:
     """Assignment of the selected ``rows`` that fall in chunk ``index`` of the store."""
-    start, emb = store.chunk(index)
+    start, emb = store.chunk_view(index)
     lo, hi = np.searchsorted(rows, [start, start + len(emb)])
     chunk_rows = rows[lo:hi]
     cluster, sim = assign(centroids, emb[chunk_rows - start]) if len(chunk_rows) else (np.zeros(0, np.int64),) * 2

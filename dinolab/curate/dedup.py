@@ -156,7 +156,7 @@ def self_dedup(
         def compute(i: int | None) -> dict[str, np.ndarray]:
             if not built:  # every rank gets here in the first round: building is collective
                 built.append(make_index() if make_index else ShardedIndex(store, index_cfg or IndexConfig()))
-            first_row, emb = store.chunk(i) if i is not None else (0, np.zeros((0, store.dim), np.float32))
+            first_row, emb = store.chunk_view(i) if i is not None else (0, np.zeros((0, store.dim), np.float32))
             return knn_edges(built[0], first_row, emb, cfg.k, cfg.threshold)
 
         collective.run_lockstep(stage, num_shards, compute)
@@ -258,7 +258,7 @@ def relative_dedup(
         index = index_array(eval_embeddings, IndexConfig(kind="flat")) if len(eval_embeddings) else None
 
         def compute(i: int) -> dict[str, np.ndarray]:
-            _, emb = store.chunk(i)
+            _, emb = store.chunk_view(i)
             if index is None:
                 return {"eval_sim": np.full(len(emb), -np.inf, np.float32)}
             return {"eval_sim": eval_hits(index, emb)}

@@ -96,7 +96,7 @@ def _assign_rows(store: EmbeddingStore, rows: np.ndarray, centroids: np.ndarray,
     """Assign the ``rows`` of ``store`` that fall in ``chunks``: (rows [m], cluster [m], sim [m])."""
     found = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))]
     for chunk in chunks:
-        start, emb = store.chunk(chunk)
+        start, emb = store.chunk_view(chunk)
         lo, hi = np.searchsorted(rows, [start, start + len(emb)])
         if hi > lo:
             found.append((rows[lo:hi], *assign(centroids, emb[rows[lo:hi] - start])))

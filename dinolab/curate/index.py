@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dinolab.curate import collective, kmeans
-from dinolab.curate.store import EmbeddingStore
+from dinolab.curate.store import EmbeddingStore, LazyRows
 
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfsq", "ivfpq")
 SQ_TYPES = {"8bit": "QT_8bit", "fp16": "QT_fp16", "6bit": "QT_6bit", "4bit": "QT_4bit"}
@@ -130,12 +130,12 @@ class PoolIndex:
         return len(self.row_ids)
 
     def search(
-        self, queries: np.ndarray, k: int, probes: tuple[np.ndarray, np.ndarray] | None = None
+        self, queries: np.ndarray | LazyRows, k: int, probes: tuple[np.ndarray, np.ndarray] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """k nearest indexed vectors of each query by inner product.
 
         Args:
-            queries: [Q, D] float32 unit vectors.
+            queries: [Q, D] float32 unit vectors (an array, or :class:`LazyRows` read a block at a time).
             k: neighbours per query (more than indexed: missing slots get row -1, similarity -inf).
             probes: the IVF cells to scan, from :meth:`probes` (cell similarities [Q, nprobe], cells
                 [Q, nprobe]); ``None``: the index finds them (the same cells).
@@ -151,13 +151,12 @@ class PoolIndex:
         return sims, rows
 
     def search_blocks(
-        self, queries: np.ndarray, k: int, probes: tuple[np.ndarray, np.ndarray] | None = None
+        self, queries: np.ndarray | LazyRows, k: int, probes: tuple[np.ndarray, np.ndarray] | None = None
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """:meth:`search` one block of ``search_batch`` queries at a time: yields (first query of the block,
         sims [B, k], rows [B, k]), so a caller that reduces each block holds one block's results."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
         for start in range(0, len(queries), self.search_batch):
-            part = queries[start : start + self.search_batch]
+            part = np.ascontiguousarray(queries[start : start + self.search_batch], dtype=np.float32)
             if probes is None:
                 s, i = self.index.search(part, k)
             else:
@@ -260,7 +259,7 @@ def _gather_to_root(store: EmbeddingStore, rows: np.ndarray) -> np.ndarray | Non
             continue
         owner, part = chunk % world, None
         if rank == owner:
-            start, emb = store.chunk(chunk)
+            start, emb = store.chunk_view(chunk)
             part = emb[rows[lo:hi] - start]
         part = collective.to_root(part, owner, (int(hi - lo), store.dim), np.float32)
         if out is not None:
@@ -311,7 +310,7 @@ def fill_index(index: faiss.Index, store: EmbeddingStore, rows: np.ndarray, chun
 
     def blocks(chunk: int, lo: int, hi: int) -> Iterator[np.ndarray]:
         """The selected rows of one chunk, FILL_BLOCK at a time (one copy of a block, not of the chunk)."""
-        start, emb = store.chunk(chunk)
+        start, emb = store.chunk_view(chunk)
         for first in range(lo, hi, FILL_BLOCK):
             yield np.ascontiguousarray(emb[rows[first : min(first + FILL_BLOCK, hi)] - start])
 

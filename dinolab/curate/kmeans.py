@@ -50,7 +50,7 @@ def sample_by_chunk(store: EmbeddingStore, sample: np.ndarray) -> list[tuple[int
     """(chunk, positions in ``sample``, embeddings) of the sample rows in each of this rank's chunks."""
     parts = []
     for chunk in collective.my_chunks(store.num_chunks()):
-        start, emb = store.chunk(chunk)
+        start, emb = store.chunk_view(chunk)
         lo, hi = np.searchsorted(sample, [start, start + len(emb)])
         if hi > lo:
             parts.append((chunk, np.arange(lo, hi), emb[sample[lo:hi] - start]))

@@ -106,7 +106,7 @@ def search_seed_set(
     mine = collective.my_chunks(seeds.num_chunks())
     found = []
     for j in range(collective.lockstep_rounds(len(mine))):
-        queries = seeds.chunk(mine[j])[1] if j < len(mine) else np.zeros((0, seeds.dim), np.float32)
+        queries = seeds.chunk_view(mine[j])[1] if j < len(mine) else np.zeros((0, seeds.dim), np.float32)
         sims, rows = index.search(queries, k)
         if j < len(mine):
             found.append((sims, rows))

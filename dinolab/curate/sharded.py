@@ -23,7 +23,7 @@ import numpy as np
 
 from dinolab.curate import collective
 from dinolab.curate.index import IndexConfig, PoolIndex, _maybe_to_gpu, fill_index, train_index
-from dinolab.curate.store import EmbeddingStore
+from dinolab.curate.store import EmbeddingStore, LazyRows
 
 
 class ShardedIndex:
@@ -47,7 +47,7 @@ class ShardedIndex:
         self.local = PoolIndex(index, rows_here, cfg.search_batch)
         self.dim = store.dim
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray | LazyRows, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Collective k-NN search of this rank's ``queries`` [Q, D] over every shard -> sims, rows [Q, k]
         (:meth:`search_blocks`, concatenated)."""
         found_sims, found_rows = [np.zeros((0, k), np.float32)], [np.zeros((0, k), np.int64)]
@@ -56,8 +56,9 @@ class ShardedIndex:
             found_rows.append(rows)
         return np.concatenate(found_sims), np.concatenate(found_rows)
 
-    def search_blocks(self, queries: np.ndarray, k: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Collective k-NN search of this rank's ``queries`` [Q, D] over every shard, one block of
+    def search_blocks(self, queries: np.ndarray | LazyRows, k: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Collective k-NN search of this rank's ``queries`` [Q, D] (an array or :class:`LazyRows`, read a block
+        at a time) over every shard, one block of
         ``search_batch`` queries at a time: yields (first query of the block, sims [B, k], rows [B, k]). Every
         rank must run the generator to its end (a rank with fewer blocks still takes part in every round).
 
@@ -66,7 +67,6 @@ class ShardedIndex:
         of them from this shard, and sends each rank the answers to its block (one gather per rank), so
         memory is W blocks of queries and answers, whatever Q.
         """
-        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         if collective.world_size() == 1:
             for start, sims, rows in self.local.search_blocks(queries, k):
                 yield (start, *collective.merge_topk([sims], [rows], k))
@@ -76,7 +76,7 @@ class ShardedIndex:
         rank = collective.dist_env()[0]
         for start in range(0, max(counts), batch):
             sizes = [min(batch, max(0, n - start)) for n in counts]
-            block = queries[start : start + batch]
+            block = np.ascontiguousarray(queries[start : start + batch], dtype=np.float32).reshape(-1, self.dim)
             asked = collective.all_gather_rows(block, sizes)
             # IVF: each rank finds the cells of its own queries once, and every shard scans just those
             probes = self.local.probes(block)

@@ -10,7 +10,8 @@ where they live:
 
 Rows are numbered ``0 .. N-1`` in shard order; every later stage refers to images by this row.
 Chunks are returned as float32 and L2-normalised, so inner product = cosine similarity.
-Memory: one chunk of ``chunk_rows x D`` floats (a shard, for a sharded store).
+Memory: one chunk of ``chunk_rows x D`` floats (a shard, for a sharded store); an array store's
+:meth:`~EmbeddingStore.chunk_view` reads and normalises only the rows asked for (what the stages use).
 """
 
 from __future__ import annotations
@@ -41,6 +42,26 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(norms, eps)
 
 
+class LazyRows:
+    """Rows of an array [n, D] (e.g. a memmap slice) normalised when indexed: ``len()``, ``rows[a:b]`` and
+    ``rows[positions]`` return float32 unit rows [m, D] equal to those of ``l2_normalize(array)`` (each row's
+    norm is its own), without a normalised copy of the whole array.
+
+    Args:
+        array: [n, D] raw embeddings.
+    """
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self.shape = (len(array), array.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, which: slice | np.ndarray) -> np.ndarray:
+        return l2_normalize(self.array[which]).reshape(-1, self.shape[1])
+
+
 class EmbeddingStore:
     """A pool of N embeddings of dimension D, read chunk by chunk (see the module docstring)."""
 
@@ -62,6 +83,12 @@ class EmbeddingStore:
     def chunk_offsets(self) -> np.ndarray:
         """[num_chunks + 1] int64: chunk i holds rows ``offsets[i] .. offsets[i + 1] - 1`` (read nothing)."""
         raise NotImplementedError
+
+    def chunk_view(self, index: int) -> tuple[int, np.ndarray | LazyRows]:
+        """``(first_row, rows)`` of chunk ``index``, where ``rows[i]`` / ``rows[a:b]`` / ``rows[positions]`` give
+        the same float32 unit rows as ``chunk(index)[1]`` and, where the store can, read and normalise only
+        the rows asked for (:class:`LazyRows`); by default the whole chunk (an array)."""
+        return self.chunk(index)
 
     def paths(self, rows: np.ndarray) -> list[str] | None:
         """Image path of each row, or ``None`` if the pool has no paths (bare embeddings file)."""
@@ -111,6 +138,10 @@ class ArrayEmbeddings(EmbeddingStore):
     def chunk(self, index: int) -> tuple[int, np.ndarray]:
         start = index * self.chunk_rows
         return start, l2_normalize(self.array[start : start + self.chunk_rows])
+
+    def chunk_view(self, index: int) -> tuple[int, LazyRows]:
+        start = index * self.chunk_rows
+        return start, LazyRows(self.array[start : start + self.chunk_rows])
 
     def paths(self, rows: np.ndarray) -> list[str] | None:
         if self._paths is None:
