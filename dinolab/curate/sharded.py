@@ -58,9 +58,9 @@ class ShardedIndex:
 
     def search_blocks(self, queries: np.ndarray | LazyRows, k: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Collective k-NN search of this rank's ``queries`` [Q, D] (an array or :class:`LazyRows`, read a block
-        at a time) over every shard, one block of
-        ``search_batch`` queries at a time: yields (first query of the block, sims [B, k], rows [B, k]). Every
-        rank must run the generator to its end (a rank with fewer blocks still takes part in every round).
+        at a time) over every shard, one block of ``search_batch`` queries at a time: yields (first query of the
+        block, sims [B, k], rows [B, k]). Every rank must run the generator to its end (a rank with fewer blocks
+        still takes part in every round).
 
         Each round gathers every rank's block (a tensor all-gather) with, for an IVF index, the cells each
         query probes (found once, by its own rank's coarse quantizer, not again by every shard), answers all
