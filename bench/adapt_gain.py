@@ -4,8 +4,8 @@ Each backbone (a run folder or weights file) is evaluated with the ``dinolab eva
 the train split as memory, the test split as queries, at the run's own crop size); the per-image outcomes then give,
 for every backbone against the first one, the difference in accuracy, its standard error when the two are
 evaluated on the same images (paired: sqrt(var(d_i) / n) with d_i = correct_a - correct_b per image) and the
-standard error of one accuracy (sqrt(p (1 - p) / n), the unpaired yardstick). Used for README "Adapt a released
-backbone"::
+standard error of one accuracy (sqrt(p (1 - p) / n), the unpaired yardstick; the differences are also given in
+units of the first backbone's). Used for README "Adapt a released backbone"::
 
     python bench/adapt_gain.py --data builtin:digits --k 20 source=runs/src adapted=runs/a900 scratch=runs/s900
 """
@@ -43,7 +43,8 @@ def correct_per_image(source: str, data_path: str, k: int, cfg: knn.KnnConfig) -
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("backbones", nargs="+", help="NAME=RUN_DIR or NAME=WEIGHTS; differences are against the first")
-    p.add_argument("--data", required=True, help="labelled set with train and test splits (npz, folders, builtin:NAME)")
+    p.add_argument("--data", required=True,
+                   help="labelled set with train and test splits (npz, folders, builtin:NAME)")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
@@ -59,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     n = len(outcomes[first])
     rows = []
     print(f"k-NN top-1 (k = {args.k}) on {args.data}, {n} test images; differences against {first!r}")
-    print(f"{'backbone':>12} {'top-1':>7} {'SE':>5} {'diff':>6} {'paired SE':>10} {'diff/paired SE':>15} {'diff/SE':>8}")
+    print(f"{'backbone':>12} {'top-1':>7} {'SE':>5} {'diff':>6} {'paired SE':>10} {'diff/paired SE':>15} "
+          f"{'diff/SE of ' + first:>16}")
+    first_se = np.sqrt(outcomes[first].mean() * (1 - outcomes[first].mean()) / n)
     for name, correct in outcomes.items():
         acc = correct.mean()
         se = np.sqrt(acc * (1 - acc) / n)
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         diff = d.mean()
         rows.append({"name": name, "top1": 100 * acc, "se": 100 * se, "diff": 100 * diff, "paired_se": 100 * paired})
         print(f"{name:>12} {100 * acc:7.1f} {100 * se:5.2f} {100 * diff:+6.1f} {100 * paired:10.2f} "
-              f"{diff / paired if name != first else float('nan'):15.1f} {diff / se:8.1f}")
+              f"{diff / paired if name != first else float('nan'):15.1f} {diff / first_se:16.1f}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"data": args.data, "k": args.k, "n": n, "backbones": rows}, f, indent=1)

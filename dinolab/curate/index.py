@@ -109,6 +109,18 @@ def make_index(dim: int, n: int, cfg: IndexConfig) -> faiss.Index:
     return index
 
 
+def collect_blocks(
+    blocks: Iterable[tuple[int, np.ndarray, np.ndarray]], num_queries: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The blocks a ``search_blocks`` yields, (first query, sims [B, k], rows [B, k]), as sims and rows [Q, k]."""
+    sims = np.empty((num_queries, k), dtype=np.float32)
+    rows = np.empty((num_queries, k), dtype=np.int64)
+    for start, block_sims, block_rows in blocks:
+        sims[start : start + len(block_sims)] = block_sims
+        rows[start : start + len(block_rows)] = block_rows
+    return sims, rows
+
+
 class PoolIndex:
     """A Faiss index over selected pool rows; :meth:`search` answers in pool rows.
 
@@ -143,12 +155,7 @@ class PoolIndex:
         Returns:
             sims [Q, k] float32, descending per row; rows [Q, k] int64 pool rows.
         """
-        sims = np.empty((len(queries), k), dtype=np.float32)
-        rows = np.empty((len(queries), k), dtype=np.int64)
-        for start, block_sims, block_rows in self.search_blocks(queries, k, probes):
-            sims[start : start + len(block_sims)] = block_sims
-            rows[start : start + len(block_rows)] = block_rows
-        return sims, rows
+        return collect_blocks(self.search_blocks(queries, k, probes), len(queries), k)
 
     def search_blocks(
         self, queries: np.ndarray | LazyRows, k: int, probes: tuple[np.ndarray, np.ndarray] | None = None
@@ -308,11 +315,12 @@ def fill_index(index: faiss.Index, store: EmbeddingStore, rows: np.ndarray, chun
     bounds = [np.searchsorted(rows, offsets[c : c + 2]) for c in chunks]
     added = np.concatenate([rows[lo:hi] for lo, hi in bounds] or [np.zeros(0, np.int64)]).astype(np.int64)
 
-    def blocks(chunk: int, lo: int, hi: int) -> Iterator[np.ndarray]:
-        """The selected rows of one chunk, FILL_BLOCK at a time (one copy of a block, not of the chunk)."""
+    def blocks(chunk: int, lo: int, hi: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(offset in the chunk's selection, vectors) of the selected rows of one chunk, FILL_BLOCK at a time
+        (one copy of a block, not of the chunk)."""
         start, emb = store.chunk_view(chunk)
         for first in range(lo, hi, FILL_BLOCK):
-            yield np.ascontiguousarray(emb[rows[first : min(first + FILL_BLOCK, hi)] - start])
+            yield first - lo, np.ascontiguousarray(emb[rows[first : min(first + FILL_BLOCK, hi)] - start])
 
     ivf = faiss.try_extract_index_ivf(index) if isinstance(index, faiss.IndexIVF) else None
     lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
@@ -321,12 +329,12 @@ def fill_index(index: faiss.Index, store: EmbeddingStore, rows: np.ndarray, chun
             index.codes.resize((index.ntotal + len(added)) * index.code_size)  # capacity for all, then
             index.codes.resize(index.ntotal * index.code_size)  # back to the current size: no reallocation
         for chunk, (lo, hi) in tqdm(zip(chunks, bounds), total=len(chunks), desc="index", unit="chunk", disable=quiet):
-            for vectors in blocks(chunk, lo, hi):
+            for _, vectors in blocks(chunk, lo, hi):
                 index.add(vectors)
         return added
     # the cells as faiss's own add finds them (its flat quantizer searches FILL_BLOCK queries per BLAS call)
-    cells = [np.concatenate([ivf.quantizer.assign(v, 1).ravel() for v in blocks(c, lo, hi)] or [np.zeros(0, np.int64)])
-             .astype(np.int64) for c, (lo, hi) in zip(chunks, bounds)]
+    cells = [np.concatenate([ivf.quantizer.assign(v, 1).ravel() for _, v in blocks(c, lo, hi)]
+                            or [np.zeros(0, np.int64)]).astype(np.int64) for c, (lo, hi) in zip(chunks, bounds)]
     counts = np.bincount(np.concatenate(cells or [np.zeros(0, np.int64)]), minlength=ivf.nlist)
     for cell in np.nonzero(counts)[0]:
         size = lists.list_size(int(cell))
@@ -334,7 +342,7 @@ def fill_index(index: faiss.Index, store: EmbeddingStore, rows: np.ndarray, chun
         lists.resize(int(cell), size)  # keeps the capacity
     for chunk, (lo, hi), cell in tqdm(zip(chunks, bounds, cells), total=len(chunks), desc="index", unit="chunk",
                                       disable=quiet):
-        for first, vectors in zip(range(0, hi - lo, FILL_BLOCK), blocks(chunk, lo, hi)):
+        for first, vectors in blocks(chunk, lo, hi):
             part = np.ascontiguousarray(cell[first : first + len(vectors)])
             ivf.add_core(len(vectors), faiss.swig_ptr(vectors), None, faiss.swig_ptr(part))
     return added

@@ -3,9 +3,9 @@
 Under ``torchrun`` with W ranks, rank r fills its index with the selected rows of chunks
 ``r, r + W, ...`` only, so each rank holds about 1/W of the index. The IVF cells (if any) are trained
 once, collectively (:func:`~dinolab.curate.index.train_index`: each rank works on the training rows of
-its own chunks, and every rank ends with the same cells), so every shard uses the same coarse quantizer and a query probes the same cells in every shard: the union
-of the shards' top-k is the top-k of one index over all rows (exact for ``flat``, the same approximation
-as one index for IVF kinds).
+its own chunks, and every rank ends with the same cells), so every shard uses the same coarse quantizer
+and a query probes the same cells in every shard: the union of the shards' top-k is the top-k of one
+index over all rows (exact for ``flat``, the same approximation as one index for IVF kinds).
 
 :func:`ShardedIndex.search` is collective: every rank calls it with its own queries (possibly none);
 block by block (``search_batch`` queries per rank), the queries of all ranks are gathered, each rank
@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 
 from dinolab.curate import collective
-from dinolab.curate.index import IndexConfig, PoolIndex, _maybe_to_gpu, fill_index, train_index
+from dinolab.curate.index import IndexConfig, PoolIndex, _maybe_to_gpu, collect_blocks, fill_index, train_index
 from dinolab.curate.store import EmbeddingStore, LazyRows
 
 
@@ -50,11 +50,7 @@ class ShardedIndex:
     def search(self, queries: np.ndarray | LazyRows, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Collective k-NN search of this rank's ``queries`` [Q, D] over every shard -> sims, rows [Q, k]
         (:meth:`search_blocks`, concatenated)."""
-        found_sims, found_rows = [np.zeros((0, k), np.float32)], [np.zeros((0, k), np.int64)]
-        for _, sims, rows in self.search_blocks(queries, k):
-            found_sims.append(sims)
-            found_rows.append(rows)
-        return np.concatenate(found_sims), np.concatenate(found_rows)
+        return collect_blocks(self.search_blocks(queries, k), len(queries), k)
 
     def search_blocks(self, queries: np.ndarray | LazyRows, k: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Collective k-NN search of this rank's ``queries`` [Q, D] (an array or :class:`LazyRows`, read a block

@@ -38,7 +38,8 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norms = np.empty((len(x), 1), np.float32)
     for start in range(0, len(x), NORM_BLOCK_ROWS):
-        norms[start : start + NORM_BLOCK_ROWS] = np.linalg.norm(x[start : start + NORM_BLOCK_ROWS], axis=1, keepdims=True)
+        block = slice(start, start + NORM_BLOCK_ROWS)
+        norms[block] = np.linalg.norm(x[block], axis=1, keepdims=True)
     return x / np.maximum(norms, eps)
 
 

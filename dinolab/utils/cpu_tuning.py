@@ -49,16 +49,21 @@ def block_rows(n_columns: int) -> int:
 
 
 @functools.cache
-def _mallopt():
-    """glibc's ``mallopt`` (``None`` where the C library is not glibc)."""
+def _glibc(name: str, *argtypes: type) -> ctypes._CFuncPtr | None:
+    """glibc's function ``name`` returning an int, looked up once (``None`` where the C library is not glibc)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt or malloc_trim)
         return None
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt
+    function.argtypes, function.restype = list(argtypes), ctypes.c_int
+    return function
+
+
+def _mallopt():
+    """glibc's ``mallopt`` (``None`` where the C library is not glibc)."""
+    return _glibc("mallopt", ctypes.c_int, ctypes.c_int)
 
 
 @functools.cache
@@ -82,12 +87,8 @@ def release_free_heap() -> bool:
     (measured, 400,000 rows: 146 MB of IVF-SQ8 codes freed, 9 MB less resident; 153 MB less after this).
     Changes no setting (unlike :func:`return_freed_memory`): library code may call it between stages.
     Returns whether memory was released (``False`` where the C library is not glibc)."""
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return bool(trim(0))
+    trim = _glibc("malloc_trim", ctypes.c_size_t)
+    return trim is not None and bool(trim(0))
 
 
 @functools.cache
